@@ -1,0 +1,59 @@
+"""Defaults shared by every recipe; not a recipe itself.
+
+Each file beside this one starts from `get_base_config()` and sets what its
+paper specifies. Any field can be overridden on the command line, e.g.
+`--config.optimizer.learning_rate=0.01 --config.num_epochs=5`.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data: a tfds name (cifar10, cifar100, fashion_mnist, mnist) or 'synthetic'.
+  c.dataset = "cifar10"
+  c.data_dir = ""     # tfds data_dir ('' = tfds default, ~/tensorflow_datasets)
+  c.manual_dir = ""   # tfds manual_dir (pre-downloaded files)
+  c.crop_pad = 4      # random crop with zero padding; 0 disables
+  c.flip = True       # random horizontal flip
+  c.synthetic = ml_collections.ConfigDict(dict(
+      num_train=512, num_test=256, image_shape=(8, 8, 3), num_classes=4, seed=0))
+
+  # Model and how it is binarized (see fda_biper_jax/layers.py); a quantizer is
+  # {'name': ..., **parameters} (fda_biper_jax/quantizers.py).
+  c.model = "resnet20"
+  c.quantization = ml_collections.ConfigDict(dict(
+      kernel_quantizer={"name": "identity"}, input_quantizer={"name": "identity"},
+      scaling="none",
+      prenorm=False, kernel_noise=None, input_noise=None))
+  c.compute_dtype = "float32"  # or 'bfloat16' (float32 master weights)
+
+  # Optimisation.
+  c.num_epochs = 200
+  c.batch_size = 128         # global, split across devices
+  c.eval_batch_size = 0      # 0 = batch_size
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
+      weight_decay=1e-4, weight_decay_mask="all", warmup_epochs=0.0, decay="cosine"))
+
+  # Method schedules (fda_biper_jax/schedules.py).
+  c.fda = ml_collections.ConfigDict(dict(n_start=9, n_end=18, alpha_start=0.1))
+  c.bnn_pp = ml_collections.ConfigDict(dict(beta_start=1.0, beta_end=1.0))
+  c.regularizer_tau = 0.0    # BiPer's sin^2 weight regulariser
+  c.init_from = ""           # a previous stage's workdir (two-stage recipes)
+
+  # Running.
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_only = False
+  c.tensorboard = True
+  c.num_devices = 0          # 0 = all local devices
+  c.distributed = False      # jax.distributed.initialize() (several hosts)
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
+  return c

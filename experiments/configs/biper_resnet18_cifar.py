@@ -1,0 +1,16 @@
+"""BiPer two-stage recipe for resnet18_cifar on CIFAR-10 (paper Table 2 / README: see methods).
+
+  python -m experiments.cifar --config=experiments/configs/biper_resnet18_cifar.py:stage1 \
+      --workdir=runs/biper_resnet18_cifar_stage1
+  python -m experiments.cifar --config=experiments/configs/biper_resnet18_cifar.py:stage2 \
+      --workdir=runs/biper_resnet18_cifar_stage2
+
+Stage 2 starts from stage 1's best checkpoint (config.init_from).
+"""
+
+from experiments.configs import recipes
+
+
+def get_config(arg: str = "stage1"):
+  (stage,) = recipes.parse(arg, {"stage": tuple(recipes.BIPER_STAGES)}, "stage1")
+  return recipes.biper("resnet18_cifar", stage)

@@ -1,0 +1,16 @@
+"""A first run on a laptop CPU: resnet20 on real Fashion-MNIST for 3 epochs.
+
+  python -m experiments.cifar --config=experiments/configs/quick.py:biper --workdir=runs/quick_biper
+
+The argument picks the quantizer, with its method's own settings:
+identity (the full-precision twin), ste, approx_sign, sign_swish, fda, biper, bnn_pp.
+Adam at lr 1e-3, batch 128, crop (pad 2) + flip. Fashion-MNIST comes from
+tfds (or offline from Debian's dataset-fashion-mnist package; see README).
+"""
+
+from experiments.configs import recipes
+
+
+def get_config(arg: str = "biper"):
+  (quantizer,) = recipes.parse(arg, {"quantizer": recipes.QUICK_QUANTIZERS}, "biper")
+  return recipes.quick(quantizer)

@@ -1,0 +1,291 @@
+"""Building blocks shared by the model zoo, each written once.
+
+Every model in `fda_biper_jax.models` is assembled from the pieces here:
+
+* `Context`: what every layer of one model shares (the `BinarySpec`, the
+  compute dtype, the BatchNorm `axis_name`, the kernel initialisers) and the
+  three layer factories that apply it: binary or full-precision conv, the
+  full-precision classifier, and BatchNorm;
+* `ConvUnit`: conv (-> 2x2 max-pool) -> BatchNorm -> activation, or
+  conv -> activation -> BatchNorm (FDA's order);
+* `option_a_shortcut`: the parameter-free ResNet shortcut for a stride or
+  channel change (He et al. 2016, option A);
+* `BiRealUnit`: one 3x3 conv with its own shortcut, Bi-Real Net's layout
+  (Liu et al., ECCV 2018), and `BiRealBlock`, two of them: the basic block of
+  the BiPer ResNet-20 and of the ImageNet ResNet-18/34; `stage_plan` lists
+  the (width, stride) of every block of a ResNet;
+* `Head`: global average pool (or flatten) -> BatchNorm1d -> classifier;
+* `PReLU` and `hardtanh`, the activations the reference models use.
+
+Full-precision layers (first conv, last fc, ImageNet 1x1 downsample convs) are
+`BinaryConv` / `BinaryDense` with no quantizer, so one layer type serves
+summaries and exporters; binary layers get `**spec.layer_kwargs()`.
+
+Convolutions use explicit symmetric padding kernel_size // 2, as PyTorch's
+`padding=k//2` does: 'SAME' pads a stride-2 conv on an even input only at the
+bottom/right, which shifts the sampling grid relative to the reference models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from fda_biper_jax.layers import BinaryConv, BinaryDense, BinarySpec, default_kernel_init
+
+Array = jax.Array
+Schedule = Mapping[str, Any] | None
+
+BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1 for the new batch statistic
+BN_EPSILON = 1e-5
+ACTIVATIONS = (None, "hardtanh", "prelu", "relu")
+
+# PyTorch's init.kaiming_normal_ (fan_in, gain sqrt 2; JAX's "normal" is untruncated), the
+# conv initialisation of the BiPer / ReCU / IR-Net ResNets.
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def hardtanh(x: Array) -> Array:
+  """clip(x, -1, 1): the activation of the BiPer / ReCU / IR-Net models."""
+  return jnp.clip(x, -1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What every layer of one model shares, and the factories that apply it.
+
+  The factories build Flax submodules, so call them inside a compact method:
+  the layer belongs to the module whose method is running.
+  """
+  spec: BinarySpec
+  dtype: Any = None
+  axis_name: str | None = None
+  conv_init: Callable = default_kernel_init
+  dense_init: Callable = default_kernel_init
+
+  def conv(self, features: int, kernel_size: int = 3, strides: int = 1, *,
+           binary: bool = True, name: str | None = None) -> BinaryConv:
+    """A square conv with PyTorch padding k // 2; binary: `spec`'s quantizers,
+    else a plain float conv (no quantizer, no scale)."""
+    quantization = self.spec.layer_kwargs() if binary else {}
+    return BinaryConv(features, kernel_size=(kernel_size, kernel_size),
+                      strides=(strides, strides), padding=kernel_size // 2,
+                      kernel_init=self.conv_init, dtype=self.dtype, name=name,
+                      **quantization)
+
+  def classifier(self, num_classes: int, name: str | None = None) -> BinaryDense:
+    """The full-precision last layer, with bias."""
+    return BinaryDense(num_classes, use_bias=True, kernel_init=self.dense_init,
+                       dtype=self.dtype, name=name)
+
+  def batch_norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
+    """BatchNorm over every axis but the last, statistics pmean'd over `axis_name`."""
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                        epsilon=BN_EPSILON, axis_name=self.axis_name, dtype=self.dtype,
+                        name=name)
+
+
+class PReLU(nn.Module):
+  """Per-channel PReLU, max(x, 0) + a_c min(x, 0), a_c initialised to 0.25.
+
+  As PyTorch's `nn.PReLU(channels)`; Flax's `nn.PReLU` has a single slope.
+  """
+  init_slope: float = 0.25
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    a = self.param("negative_slope", nn.initializers.constant(self.init_slope),
+                   (x.shape[-1],), jnp.float32)
+    return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
+
+
+def _activate(kind: str | None, x: Array) -> Array:
+  if kind is None:
+    return x
+  if kind == "hardtanh":
+    return hardtanh(x)
+  if kind == "relu":
+    return nn.relu(x)
+  return PReLU(name="act")(x)
+
+
+class ConvUnit(nn.Module):
+  """conv -> [2x2 max-pool] -> BatchNorm -> activation (or activation -> BN).
+
+  Attributes:
+    ctx: the model's shared `Context`.
+    features, kernel_size, strides: of the conv (padding kernel_size // 2).
+    binary: quantize with the model's spec; False for full-precision convs.
+    pool: a 2x2 stride-2 max-pool between conv and BatchNorm (VGG-Small of
+      IR-Net / ReCU / BiPer pools before its BatchNorm).
+    activation: None, 'hardtanh', 'relu' or 'prelu' (per-channel).
+    activation_first: conv -> activation -> BN, FDA-BNN's MindSpore ResNet-20
+      order; otherwise conv -> BN -> activation.
+  """
+  ctx: Context
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  binary: bool = True
+  pool: bool = False
+  activation: str | None = "hardtanh"
+  activation_first: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"ConvUnit: activation={self.activation!r} is not allowed; "
+                       f"allowed: {list(ACTIVATIONS)}")
+    y = self.ctx.conv(self.features, self.kernel_size, self.strides, binary=self.binary,
+                      name="conv")(x, train=train, schedule=schedule)
+    if self.pool:
+      y = nn.max_pool(y, (2, 2), strides=(2, 2))
+    if self.activation_first:
+      y = _activate(self.activation, y)
+    y = self.ctx.batch_norm(train, name="bn")(y)
+    if not self.activation_first:
+      y = _activate(self.activation, y)
+    return y
+
+
+SHORTCUT_POOLS = ("avg", "subsample")
+
+
+def option_a_shortcut(x: Array, features: int, strides: int = 1, pool: str = "avg") -> Array:
+  """The parameter-free shortcut (He et al. 2016, option A).
+
+  Spatial reduction by `strides`, then zero channels padded evenly on both
+  sides up to `features`; the identity when neither changes. `pool`:
+
+  * 'avg': `strides` x `strides` average pooling, as the IR-Net / ReCU / BiPer
+    CIFAR ResNets (`nn.AvgPool2d((2, 2))`);
+  * 'subsample': every `strides`-th pixel (`x[:, ::2, ::2]`), the original
+    option A and FDA-BNN's MindSpore ResNet-20.
+  """
+  if pool not in SHORTCUT_POOLS:
+    raise ValueError(f"option_a_shortcut: pool={pool!r} is not allowed; "
+                     f"allowed: {list(SHORTCUT_POOLS)}")
+  if strides != 1:
+    if pool == "avg":
+      x = nn.avg_pool(x, (strides, strides), strides=(strides, strides))
+    else:
+      x = x[:, ::strides, ::strides, :]
+  extra = features - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f"option_a_shortcut: cannot reduce {x.shape[-1]} channels to {features}")
+  if extra:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(extra // 2, extra - extra // 2)])
+  return x
+
+
+DOWNSAMPLES = ("option_a", "conv")
+
+
+class BiRealUnit(nn.Module):
+  """hardtanh(BN(binary conv(x)) + shortcut(x)): a shortcut around each conv.
+
+  Bi-Real Net's layout, as the BiPer CIFAR ResNet-20 (`BasicBlock_1w1a`) and
+  the ReCU / BiPer ImageNet ResNet-18/34 write their basic blocks: each of the
+  two 3x3 convs of a block has its own shortcut. When the unit changes the
+  resolution or width, the shortcut is
+
+  * 'option_a': average pool + zero channel padding (no parameters), or
+  * 'conv': a full-precision 1x1 conv with the unit's stride + BatchNorm
+    (ReCU's ImageNet `downsample` with `avg_down=False`; Bi-Real Net itself
+    average-pools first and uses a stride-1 1x1 conv, same parameter count).
+  """
+  ctx: Context
+  features: int
+  strides: int = 1
+  downsample: str = "option_a"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+    if self.downsample not in DOWNSAMPLES:
+      raise ValueError(f"BiRealUnit: downsample={self.downsample!r} is not allowed; "
+                       f"allowed: {list(DOWNSAMPLES)}")
+    y = ConvUnit(self.ctx, self.features, strides=self.strides, activation=None,
+                 name="main")(x, train, schedule)
+    reshape = self.strides != 1 or x.shape[-1] != self.features
+    if reshape and self.downsample == "conv":
+      shortcut = ConvUnit(self.ctx, self.features, kernel_size=1, strides=self.strides,
+                          binary=False, activation=None, name="downsample")(x, train, schedule)
+    else:
+      shortcut = option_a_shortcut(x, self.features, self.strides)
+    return hardtanh(y + shortcut)
+
+
+class BiRealBlock(nn.Module):
+  """A ResNet basic block in Bi-Real layout: two `BiRealUnit`s, the first strided."""
+  ctx: Context
+  features: int
+  strides: int = 1
+  downsample: str = "option_a"
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+    x = BiRealUnit(self.ctx, self.features, self.strides, self.downsample,
+                   name="unit1")(x, train, schedule)
+    return BiRealUnit(self.ctx, self.features, 1, self.downsample,
+                      name="unit2")(x, train, schedule)
+
+
+def stage_plan(widths, blocks_per_stage, strides=(1, 2, 2, 2)):
+  """(width, stride) of every block of a ResNet: each stage's first block strides."""
+  return [(width, (first if b == 0 else 1))
+          for width, first, n in zip(widths, strides, blocks_per_stage) for b in range(n)]
+
+
+class Head(nn.Module):
+  """Global average pool (or flatten) -> [BatchNorm1d] -> full-precision fc.
+
+  The BiPer / ReCU ResNets end with avgpool -> `nn.BatchNorm1d` -> `nn.Linear`;
+  VGG-Small flattens straight into its fc. Logits are float32 in every dtype.
+  """
+  ctx: Context
+  num_classes: int
+  pool: str = "avg"  # 'avg' (global mean over H, W) or 'flatten'
+  norm: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+    if self.pool == "avg":
+      x = jnp.mean(x, axis=(1, 2))
+    elif self.pool == "flatten":
+      x = x.reshape(x.shape[0], -1)
+    else:
+      raise ValueError(f"Head: pool={self.pool!r} is not allowed; allowed: ['avg', 'flatten']")
+    if self.norm:
+      x = self.ctx.batch_norm(train, name="bn")(x)
+    logits = self.ctx.classifier(self.num_classes, name="fc")(x, train=train, schedule=schedule)
+    return logits.astype(jnp.float32)
+
+
+class BinaryNet(nn.Module):
+  """Fields shared by every model of the zoo; subclasses add only structure.
+
+  Attributes:
+    num_classes: width of the logits.
+    spec: how the binary layers binarize (`BinarySpec`; a spec with the
+      'identity' quantizers is the full-precision twin).
+    dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32 and
+      logits are float32.
+    axis_name: the mapped axis over which BatchNorm statistics are averaged
+      (data parallelism under shard_map / pmap); None on one device.
+  """
+  num_classes: int
+  spec: BinarySpec = BinarySpec()
+  dtype: Any = None
+  axis_name: str | None = None
+
+  # Initialisers of the reference code; subclasses override.
+  conv_init = staticmethod(kaiming_normal)
+  dense_init = staticmethod(default_kernel_init)
+
+  @property
+  def ctx(self) -> Context:
+    return Context(self.spec, self.dtype, self.axis_name, self.conv_init, self.dense_init)

@@ -1,0 +1,498 @@
+"""Binarizers as (forward, backward-surrogate) pairs, each a `jax.custom_vjp`.
+
+ProxConnect++ (Lu et al., NeurIPS 2023) reads every binarizer as a pair: a
+forward quantizer F (what the network computes) and a backward quantizer B
+whose derivative replaces dF/dx in the chain rule. Each public function here is
+one such pair:
+
+=============  =========================  ==========================================
+name           forward F(x)               backward: dF/dx is replaced by
+=============  =========================  ==========================================
+identity       x                          1 (the full-precision twin)
+ste            sign(x)                    1, or 1[|x| <= clip]  (BinaryConnect, Larq)
+approx_sign    sign(x)                    (2 - 2|x|) 1[|x| <= 1]  (Bi-Real Net)
+sign_swish     sign(x)                    SS_beta'(x)  (BNN+, beta = 5)
+fda            sign(x)                    s_n'(x) = 4w/pi sum_{i=0..n} cos((2i+1)wx)
+                                          (FDA-BNN Eq. 10), optionally 1[|x| <= clip]
+biper          sign(sin(w0 x))            w0 cos(w0 x)  (BiPer, CVPR 2024)
+biper_sine     sin(w0 x)                  w0 cos(w0 x)  (BiPer stage 1, not binary)
+bnn_pp         SS_beta(x)                 SS_beta'(x)  (BNN++, ProxConnect++)
+=============  =========================  ==========================================
+
+with the SignSwish map SS_beta(x) = 2 sigmoid(bx) (1 + bx (1 - sigmoid(bx))) - 1
+and its derivative SS_beta'(x) = 2b s (1 - s) (2 + bx (1 - 2s)), s = sigmoid(bx),
+which equals BNN+'s b (2 - bx tanh(bx/2)) / (1 + cosh(bx)) but never divides
+an overflowed cosh.
+
+Conventions shared by every function:
+
+* sign(0) = +1, so a binarized tensor holds exactly two values. The forward is
+  computed with `jnp.where` on the sign bit, never as `x + stop_gradient(...)`,
+  which is not exact in bfloat16; values are exactly +1/-1 in float16,
+  bfloat16, float32 and float64, and the output dtype is the input dtype.
+* Surrogate derivatives are evaluated in at least float32 and the gradient is
+  cast back to the input dtype.
+* Parameters (omega, n_terms, beta, clip, ...) are array arguments of the
+  custom_vjp, so training schedules may pass traced scalars without
+  recompiling; they receive no gradient. Concrete values are validated and a
+  bad one raises `ValueError` naming the value and what is allowed.
+
+`get(name, **params)` returns a `Quantizer`: the function with its parameters
+bound, its `binarize` deployment form, and a serialisable `config()`, for use
+by layers and configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def _is_concrete(v) -> bool:
+  return not isinstance(v, jax.core.Tracer)
+
+
+def _check_float(fn: str, x) -> Array:
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f"{fn}: x has dtype {x.dtype}; a floating dtype (float16, bfloat16, "
+        "float32, float64) is required")
+  return x
+
+
+def _check_positive(fn: str, name: str, v) -> None:
+  """Raises if a concrete scalar parameter is not > 0 (traced ones pass)."""
+  if v is None or not _is_concrete(v):
+    return
+  a = np.asarray(v)
+  if a.ndim != 0 or not np.issubdtype(a.dtype, np.number):
+    raise ValueError(f"{fn}: {name}={v!r} is not allowed; {name} must be a real scalar > 0")
+  if not a > 0:
+    raise ValueError(f"{fn}: {name}={float(a)!r} is not allowed; {name} must be > 0")
+
+
+def _check_n_terms(v, max_terms) -> int | None:
+  """Returns the static number of series terms to evaluate (max index)."""
+  if _is_concrete(v):
+    a = np.asarray(v)
+    if (a.ndim != 0 or not np.issubdtype(a.dtype, np.number)
+        or float(a) != math.floor(float(a))):
+      raise ValueError(f"fda: n_terms={v!r} is not allowed; n_terms must be an integer >= 0")
+    n = int(a)
+    if n < 0:
+      raise ValueError(f"fda: n_terms={n} is not allowed; n_terms must be an integer >= 0")
+    if max_terms is None:
+      return n
+    if n > max_terms:
+      raise ValueError(f"fda: n_terms={n} exceeds max_terms={max_terms}; "
+                       "raise max_terms to the largest n the schedule produces")
+  elif max_terms is None:
+    raise ValueError("fda: n_terms is a traced value, so a static max_terms is required "
+                     "(an int >= every n_terms the schedule produces)")
+  if not isinstance(max_terms, int) or isinstance(max_terms, bool) or max_terms < 0:
+    raise ValueError(f"fda: max_terms={max_terms!r} is not allowed; it must be a Python int >= 0")
+  return max_terms
+
+
+# --------------------------------------------------------------------------
+# Forward maps and surrogate derivatives
+# --------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+  """float16/bfloat16 -> float32; float32/float64 unchanged."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def sign(x: Array) -> Array:
+  """sign with sign(0) = +1, exactly +-1 in x's dtype. No gradient rule."""
+  return jnp.where(x >= 0, jnp.ones_like(x), -jnp.ones_like(x))
+
+
+def square_wave(x: Array, omega0) -> Array:
+  """BiPer's forward sign(sin(omega0 x)) (paper Eq. 4), sign(0) = +1."""
+  t = jnp.sin(omega0 * x.astype(_compute_dtype(x.dtype)))
+  return jnp.where(t >= 0, jnp.ones_like(x), -jnp.ones_like(x))
+
+
+def _sign_swish_parts(x: Array, beta):
+  bx = beta * x
+  s = jax.nn.sigmoid(bx)
+  return bx, s
+
+
+def sign_swish_map(x: Array, beta) -> Array:
+  """SS_beta(x) = 2 sigmoid(bx)(1 + bx(1 - sigmoid(bx))) - 1 (BNN+ Eq. 4)."""
+  bx, s = _sign_swish_parts(x, beta)
+  return 2.0 * s * (1.0 + bx * (1.0 - s)) - 1.0
+
+
+def sign_swish_derivative(x: Array, beta) -> Array:
+  """d/dx SS_beta(x) = 2 b s(1-s)(2 + bx(1-2s)) = b(2 - bx tanh(bx/2))/(1+cosh bx)."""
+  bx, s = _sign_swish_parts(x, beta)
+  return 2.0 * beta * s * (1.0 - s) * (2.0 + bx * (1.0 - 2.0 * s))
+
+
+def fda_series_derivative(x: Array, omega, n_terms, max_terms: int) -> Array:
+  """s_n'(x) = (4 omega / pi) sum_{i=0..n} cos((2i+1) omega x)  (FDA-BNN Eq. 10).
+
+  The sum runs over the static range i = 0..max_terms with terms i > n_terms
+  masked out, so a traced n_terms never changes the compiled program. XLA
+  fuses the unrolled loop into one elementwise kernel.
+  """
+  wx = omega * x
+  total = jnp.zeros_like(wx)
+  for i in range(max_terms + 1):
+    total = total + jnp.where(i <= n_terms, jnp.cos((2 * i + 1) * wx), 0.0)
+  return (4.0 * omega / math.pi) * total
+
+
+def _clip_mask(x: Array, clip, d: Array) -> Array:
+  return d if clip is None else jnp.where(jnp.abs(x) <= clip, d, 0.0)
+
+
+# --------------------------------------------------------------------------
+# custom_vjp construction
+# --------------------------------------------------------------------------
+
+
+def _pair(forward: Callable, derivative: Callable, static_argnums=()):
+  """Builds the custom_vjp of the pair (F, B): value F(x), gradient g * B'(x).
+
+  `forward(x, *params)` and `derivative(x, *params)`; params after x are
+  array-like (traced allowed) except those listed in `static_argnums`
+  (indices into the full argument list), which must be hashable Python values.
+  Parameters receive a zero cotangent.
+  """
+  nondiff = tuple(static_argnums)
+
+  def f(x, *params):
+    return forward(x, *params)
+
+  f = jax.custom_vjp(f, nondiff_argnums=nondiff)
+
+  def fwd(*args):
+    return f(*args), tuple(a for i, a in enumerate(args) if i not in nondiff)
+
+  def bwd(*args):
+    static, (res, g) = args[:-2], args[-2:]
+    x, dyn = res[0], list(res[1:])
+    full, it_s, it_d = [], iter(static), iter(dyn)
+    for i in range(1, 1 + len(static) + len(dyn)):
+      full.append(next(it_s) if i in nondiff else next(it_d))
+    xc = x.astype(_compute_dtype(x.dtype))
+    dx = (g.astype(xc.dtype) * derivative(xc, *full)).astype(x.dtype)
+    return (dx,) + (None,) * len(dyn)
+
+  f.defvjp(fwd, bwd)
+  return f
+
+
+_identity_vjp = _pair(lambda x: x, lambda x: jnp.ones_like(x))
+_ste_vjp = _pair(lambda x: sign(x), lambda x: jnp.ones_like(x))
+_ste_clip_vjp = _pair(lambda x, clip: sign(x),
+                      lambda x, clip: _clip_mask(x, clip, jnp.ones_like(x)))
+_approx_sign_vjp = _pair(
+    lambda x: sign(x),
+    lambda x: jnp.where(jnp.abs(x) <= 1.0, 2.0 - 2.0 * jnp.abs(x), 0.0))
+_sign_swish_vjp = _pair(lambda x, beta: sign(x), sign_swish_derivative)
+_biper_vjp = _pair(square_wave, lambda x, w0: w0 * jnp.cos(w0 * x))
+_biper_sine_vjp = _pair(lambda x, w0: jnp.sin(w0 * x.astype(_compute_dtype(x.dtype))).astype(x.dtype),
+                        lambda x, w0: w0 * jnp.cos(w0 * x))
+_bnn_pp_vjp = _pair(lambda x, beta: sign_swish_map(x, beta).astype(x.dtype),
+                    sign_swish_derivative)
+_fda_vjp = _pair(
+    lambda x, omega, n, max_terms: sign(x),
+    lambda x, omega, n, max_terms: fda_series_derivative(x, omega, n, max_terms),
+    static_argnums=(3,))
+_fda_clip_vjp = _pair(
+    lambda x, omega, n, clip, max_terms: sign(x),
+    lambda x, omega, n, clip, max_terms: _clip_mask(
+        x, clip, fda_series_derivative(x, omega, n, max_terms)),
+    static_argnums=(4,))
+
+
+# --------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------
+
+
+def identity(x: Array) -> Array:
+  """The full-precision twin: F(x) = x, gradient 1."""
+  return _identity_vjp(_check_float("identity", x))
+
+
+def ste_sign(x: Array, clip=None) -> Array:
+  """sign(x) with the straight-through estimator (BinaryConnect; Larq `ste_sign`).
+
+  Backward: identity if `clip` is None, else 1 where |x| <= clip and 0 elsewhere.
+  """
+  x = _check_float("ste_sign", x)
+  if clip is None:
+    return _ste_vjp(x)
+  _check_positive("ste_sign", "clip", clip)
+  return _ste_clip_vjp(x, clip)
+
+
+def approx_sign(x: Array) -> Array:
+  """sign(x); backward 2 - 2|x| on |x| <= 1, else 0 (Bi-Real Net ApproxSign)."""
+  return _approx_sign_vjp(_check_float("approx_sign", x))
+
+
+def sign_swish(x: Array, beta=5.0) -> Array:
+  """sign(x); backward the SignSwish derivative SS_beta'(x) (BNN+, Darabi et al.)."""
+  x = _check_float("sign_swish", x)
+  _check_positive("sign_swish", "beta", beta)
+  return _sign_swish_vjp(x, beta)
+
+
+def fda(x: Array, omega, n_terms, clip=None, *, max_terms: int | None = None) -> Array:
+  """sign(x); backward the truncated Fourier series derivative (FDA-BNN Eq. 10).
+
+  s_n'(x) = (4 omega / pi) sum_{i=0..n_terms} cos((2i+1) omega x), i.e. the
+  derivative of the n-th partial sum of sign's Fourier series with period
+  2 pi / omega; zeroed outside |x| <= clip when clip is given (the BiBench
+  port uses omega = 0.1, clip = 1).
+
+  n_terms may be a traced integer (a schedule growing n from 9 to 18); then
+  `max_terms`, a static Python int, bounds it: the series is evaluated up to
+  max_terms with the terms beyond n_terms masked, so the program compiles
+  once. A traced n_terms above max_terms is truncated at max_terms.
+  """
+  x = _check_float("fda", x)
+  _check_positive("fda", "omega", omega)
+  _check_positive("fda", "clip", clip)
+  max_terms = _check_n_terms(n_terms, max_terms)
+  if clip is None:
+    return _fda_vjp(x, omega, n_terms, max_terms)
+  return _fda_clip_vjp(x, omega, n_terms, clip, max_terms)
+
+
+def biper(x: Array, omega0) -> Array:
+  """Binary periodic function (BiPer, Vargas et al. CVPR 2024, Eq. 4-5).
+
+  Forward: the square wave sign(sin(omega0 x)); backward through its
+  fundamental sin(omega0 x): gradient g * omega0 cos(omega0 x), unclipped.
+  """
+  x = _check_float("biper", x)
+  _check_positive("biper", "omega0", omega0)
+  return _biper_vjp(x, omega0)
+
+
+def biper_sine(x: Array, omega0) -> Array:
+  """BiPer stage 1: the real periodic weights sin(omega0 x), exact gradient.
+
+  The first of BiPer's two training stages trains the latent weights through
+  the fundamental sin(omega0 w) with binary activations; stage 2 switches the
+  kernel quantizer to `biper` (the square wave) from stage 1's weights.
+  """
+  x = _check_float("biper_sine", x)
+  _check_positive("biper_sine", "omega0", omega0)
+  return _biper_sine_vjp(x, omega0)
+
+
+def biper_regularizer(w: Array, omega0) -> Array:
+  """mean(sin^2(omega0 w)): the weight regulariser of the public BiPer code.
+
+  Pushes |sin(omega0 w)| toward 1, i.e. latent weights toward the plateaus of
+  the square wave, lowering the quantization error; the trainer multiplies it
+  by tau (0.037 in stage 1, 0.0468 in stage 2 of the reference scripts).
+  """
+  return jnp.mean(jnp.square(jnp.sin(omega0 * w.astype(_compute_dtype(w.dtype)))))
+
+
+def bnn_pp(x: Array, beta) -> Array:
+  """BNN++ (ProxConnect++, Lu et al. NeurIPS 2023): SS_beta forward and backward.
+
+  Reading of the paper: PC++ requires the forward quantizer to be a proximal
+  map composed with the backward one, F = P o B. BNN++ takes B = the
+  SignSwish map SS_beta and applies it in the forward pass too, so during
+  training the network sees the smooth SS_beta(x) (values in about
+  (-1.1, 1.1)), and anneals beta upward over training so that SS_beta -> sign
+  pointwise. The gradient is SS_beta'(x). Training output is therefore not
+  binary; the deployed network uses sign (`Quantizer.binarize`), the limit
+  beta -> inf. beta may be traced, so an annealing schedule never recompiles.
+  """
+  x = _check_float("bnn_pp", x)
+  _check_positive("bnn_pp", "beta", beta)
+  return _bnn_pp_vjp(x, beta)
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  fn: Callable
+  defaults: Mapping[str, Any]          # every parameter with its default
+  deploy: Callable[..., Array]  # exact forward used at inference, no custom gradient
+  binary: bool = True  # whether `deploy` takes exactly two values
+  schedulable: frozenset = frozenset()  # parameters a schedule may pass per call
+  doc: str = ""
+  regularizer: Callable[..., Array] | None = None  # r(w, **params), per binarized kernel
+
+
+_REGISTRY: dict[str, _Spec] = {
+    "identity": _Spec(identity, {}, lambda x: x, binary=False, doc="full precision"),
+    "ste": _Spec(ste_sign, {"clip": None}, lambda x, **_: sign(x),
+                 doc="sign, straight-through (optionally clipped)"),
+    "approx_sign": _Spec(approx_sign, {}, lambda x, **_: sign(x),
+                         doc="sign, Bi-Real ApproxSign backward"),
+    "sign_swish": _Spec(sign_swish, {"beta": 5.0}, lambda x, **_: sign(x),
+                        doc="sign, SignSwish backward (BNN+)"),
+    "fda": _Spec(fda, {"omega": 0.1, "n_terms": 9, "clip": 1.0, "max_terms": None},
+                 lambda x, **_: sign(x), schedulable=frozenset({"n_terms"}),
+                 doc="sign, Fourier-series backward (FDA)"),
+    "biper": _Spec(biper, {"omega0": 20.0},
+                   lambda x, omega0, **_: square_wave(x, omega0),
+                   doc="square wave sign(sin(w0 x)), sin backward (BiPer)",
+                   regularizer=biper_regularizer),
+    "biper_sine": _Spec(biper_sine, {"omega0": 20.0},
+                        lambda x, omega0: jnp.sin(omega0 * x.astype(_compute_dtype(x.dtype))
+                                                  ).astype(x.dtype),
+                        binary=False,
+                        doc="real weights sin(w0 x): BiPer stage 1",
+                        regularizer=biper_regularizer),
+    "bnn_pp": _Spec(bnn_pp, {"beta": 5.0}, lambda x, **_: sign(x),
+                    schedulable=frozenset({"beta"}),
+                    doc="SignSwish forward and backward, annealed to sign (BNN++)"),
+}
+
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer:
+  """A registered binarizer with its parameters bound.
+
+  `q(x)` is the training forward with the custom gradient; schedulable
+  parameters (FDA `n_terms`, BNN++ `beta`) may be overridden per call with
+  traced values, `q(x, n_terms=n)`. `q.binarize(x)` is the exact deployed
+  forward (no custom gradient), e.g. sign(x) for BNN++. `q.config()` is a
+  plain dict that `get(**config)` turns back into an equal quantizer, so a
+  checkpoint carries the values it was trained with.
+  """
+  name: str
+  params: tuple[tuple[str, Any], ...]
+
+  @property
+  def kwargs(self) -> dict[str, Any]:
+    return dict(self.params)
+
+  @property
+  def is_binary(self) -> bool:
+    """Whether the deployed forward has exactly two values."""
+    return _REGISTRY[self.name].binary
+
+  @property
+  def schedulable(self) -> frozenset:
+    return _REGISTRY[self.name].schedulable
+
+  def __call__(self, x: Array, **overrides) -> Array:
+    bad = set(overrides) - self.schedulable
+    if bad:
+      raise ValueError(f"quantizer {self.name!r}: cannot override {sorted(bad)} per call; "
+                       f"schedulable parameters are {sorted(self.schedulable)}")
+    kw = self.kwargs
+    kw.update(overrides)
+    return _REGISTRY[self.name].fn(x, **kw)
+
+  def scheduled(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The entries of a schedule-values mapping that this quantizer consumes."""
+    if not values:
+      return {}
+    return {k: v for k, v in values.items() if k in self.schedulable}
+
+  def binarize(self, x: Array) -> Array:
+    """The exact deployed forward: two values for binary quantizers."""
+    return _REGISTRY[self.name].deploy(_check_float(self.name, x), **self.kwargs)
+
+  def regularizer(self, w: Array) -> Array | None:
+    """The method's own weight regulariser of a latent kernel, or None."""
+    reg = _REGISTRY[self.name].regularizer
+    return None if reg is None else reg(w, **self.kwargs)
+
+  def config(self) -> dict[str, Any]:
+    return {"name": self.name, **self.kwargs}
+
+
+@dataclasses.dataclass(frozen=True)
+class CallableQuantizer:
+  """A user's own function used as a quantizer: same forward in training and
+  evaluation (its own gradient), no schedulable parameters. It cannot be saved
+  in a config: register a named pair to make a model restorable."""
+  fn: Callable[[Array], Array]
+  is_binary: bool = True
+  schedulable: frozenset = frozenset()
+
+  @property
+  def name(self) -> str:
+    return getattr(self.fn, "__name__", repr(self.fn))
+
+  def __call__(self, x: Array) -> Array:
+    return self.fn(x)
+
+  binarize = __call__
+
+  def scheduled(self, values) -> dict[str, Any]:
+    return {}
+
+  def regularizer(self, w: Array) -> None:
+    return None
+
+  def config(self) -> dict[str, Any]:
+    raise ValueError(f"quantizer {self.name!r} is a Python callable and cannot be saved; "
+                     f"use a registered name: {list(NAMES)}")
+
+
+def get(name: str | Mapping[str, Any] | Quantizer | Callable, **params) -> Quantizer:
+  """Returns the named quantizer with `params` bound (defaults for the rest).
+
+  `name` may also be a config mapping {'name': ..., **params} (as saved by
+  `Quantizer.config()`) or a `Quantizer`, returned unchanged. Raises
+  ValueError for an unknown name or parameter, or a bad parameter value. A
+  plain callable is wrapped as a `CallableQuantizer`.
+  """
+  if isinstance(name, (Quantizer, CallableQuantizer)):
+    if params:
+      raise ValueError(f"get: a Quantizer was given together with parameters {sorted(params)}")
+    return name
+  if isinstance(name, Mapping):
+    cfg = dict(name)
+    if "name" not in cfg:
+      raise ValueError(f"get: quantizer config {cfg!r} has no 'name'; allowed names: {list(NAMES)}")
+    name = cfg.pop("name")
+    params = {**cfg, **params}
+  elif callable(name):
+    if params:
+      raise ValueError(f"get: a callable quantizer takes no parameters, got {sorted(params)}")
+    return CallableQuantizer(name)
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown quantizer {name!r}; allowed names: {list(NAMES)}")
+  spec = _REGISTRY[name]
+  bad = set(params) - set(spec.defaults)
+  if bad:
+    raise ValueError(f"quantizer {name!r} takes no parameter {sorted(bad)}; "
+                     f"allowed: {sorted(spec.defaults) or 'none'}")
+  kw = {**spec.defaults, **params}
+  kw = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and k not in ("n_terms", "max_terms") else v) for k, v in kw.items()}
+  q = Quantizer(name, tuple(sorted(kw.items())))
+  # Validate every parameter now, on a tiny input, before any work starts.
+  q(jnp.zeros((1,), jnp.float32))
+  return q

@@ -1,0 +1,243 @@
+"""End-to-end tests of the trainer on a tiny model and generated data."""
+
+import glob
+import importlib
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import base, recipes
+from fda_biper_jax import checkpoints, models, parallel, schedules, train
+
+
+def tiny_config(**overrides):
+  c = base.get_base_config()
+  c.dataset = "synthetic"
+  c.synthetic.num_train, c.synthetic.num_test = 256, 128
+  c.synthetic.image_shape, c.synthetic.num_classes = (8, 8, 3), 4
+  c.model = "tiny_cnn"
+  c.quantization.kernel_quantizer = {"name": "biper", "omega0": 20.0}
+  c.quantization.input_quantizer = {"name": "approx_sign"}
+  c.quantization.scaling = "learned"
+  c.quantization.prenorm = True
+  c.num_epochs, c.batch_size = 2, 32
+  c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay = "adam", 3e-3, 0.0
+  c.crop_pad = 1
+  c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 4, 4, 1
+  c.tensorboard = False
+  for k, v in overrides.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def records(workdir, kind="train"):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def params_of(summary):
+  return jax.device_get(summary["state"].params)
+
+
+def test_tiny_binary_model_learns(tmp_path):
+  out = train.train_and_evaluate(tiny_config(num_epochs=6), str(tmp_path))
+  assert out["best_eval_accuracy"] >= 0.9, out["best_eval_accuracy"]
+  ev = records(str(tmp_path), "eval")
+  assert len(ev) == 6 and ev[-1]["accuracy"] == out["final_eval_accuracy"]
+  tr = records(str(tmp_path))
+  assert tr[-1]["loss"] < tr[0]["loss"]
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+  runs = {}
+  for n in (1, 8):
+    wd = str(tmp_path / f"d{n}")
+    train.train_and_evaluate(tiny_config(num_devices=n, num_epochs=1, log_every_steps=1), wd)
+    runs[n] = [r["loss"] for r in records(wd)]
+  assert len(runs[1]) == 8
+  np.testing.assert_allclose(runs[1], runs[8], rtol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """One uninterrupted 16-step run (checkpoints every 4 steps), shared."""
+  wd = str(tmp_path_factory.mktemp("reference"))
+  return wd, train.train_and_evaluate(tiny_config(), wd)
+
+
+def copy_run(src, dst, keep_upto=None):
+  shutil.copytree(src, dst)
+  if keep_upto is not None:
+    for d in glob.glob(os.path.join(dst, "checkpoints", "*")):
+      if os.path.basename(d).isdigit() and int(os.path.basename(d)) > keep_upto:
+        shutil.rmtree(d)
+  return dst
+
+
+def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, reference_run):
+  full, ref = reference_run
+  # An interrupted run: everything after the step-8 checkpoint was lost.
+  part = copy_run(full, str(tmp_path / "part"), keep_upto=8)
+  resumed = train.train_and_evaluate(tiny_config(), part)
+  assert resumed["steps"] == ref["steps"] == 16
+  jax.tree.map(np.testing.assert_array_equal, params_of(ref), params_of(resumed))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref["state"].batch_stats),
+               jax.device_get(resumed["state"].batch_stats))
+  # The metrics log keeps the first run's lines and continues after them.
+  assert [r["step"] for r in records(part)][-2:] == [12, 16]
+
+
+def _template(config):
+  model = models.create("tiny_cnn", 4, **train.quantization(config))
+  tx = train.make_optimizer(config, schedules.learning_rate(1e-3, 16))
+  return train.create_state(model, tx, jax.random.key(0), (8, 8, 3))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference_run, caplog):
+  wd = copy_run(reference_run[0], str(tmp_path / "run"))
+  for f in glob.glob(os.path.join(wd, "checkpoints", "16", "state", "**", "*"), recursive=True):
+    if os.path.isfile(f):
+      with open(f, "wb") as fh:
+        fh.write(b"garbage")
+  with caplog.at_level("WARNING"):
+    step, _, meta = checkpoints.Checkpoints(wd).restore_latest(_template(tiny_config()))
+  assert step == 12
+  assert "unreadable" in caplog.text
+  assert meta["model"]["kernel_quantizer"] == {"name": "biper", "omega0": 20.0}
+
+
+def test_two_stage_handoff(tmp_path, reference_run):
+  s1, out1 = reference_run
+  stage2 = tiny_config(init_from=s1, num_epochs=1)
+  fresh = _template(stage2)
+  handed = train._init_from_stage(fresh, s1)
+  best = checkpoints.Checkpoints(s1).restore_best(fresh)
+  assert best[0] == out1["best_step"]
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(handed.params),
+               jax.device_get(best[1].params))
+  assert int(handed.step) == 0  # fresh optimizer and step counter
+  jax.tree.map(np.testing.assert_array_equal, handed.opt_state, fresh.opt_state)
+  out2 = train.train_and_evaluate(stage2, str(tmp_path / "s2"))
+  assert out2["steps"] == 8
+
+
+def test_eval_only_uses_the_saved_quantizer_settings(tmp_path, reference_run):
+  wd = copy_run(reference_run[0], str(tmp_path / "run"))
+  # The command line says omega0 = 30 (the public BiPer eval script's default);
+  # the checkpoint was trained at 20 and must be evaluated at 20.
+  c = tiny_config(eval_only=True, **{"quantization.kernel_quantizer": {"name": "biper",
+                                                                      "omega0": 30.0}})
+  ev = train.train_and_evaluate(c, wd)
+  assert ev["model"]["kernel_quantizer"]["omega0"] == 20.0
+  assert ev["accuracy"] == pytest.approx(reference_run[1]["final_eval_accuracy"], abs=1e-6)
+
+
+def test_schedules_never_recompile_the_step():
+  c = tiny_config(**{"quantization.kernel_quantizer": {"name": "fda", "max_terms": 18},
+                     "quantization.input_quantizer": {"name": "bnn_pp"}, "bnn_pp.beta_end": 50.0})
+  mesh = parallel.make_mesh()
+  info, tr, _ = train.load_data(c)
+  model = models.create("tiny_cnn", 4, axis_name=parallel.AXIS, **train.quantization(c))
+  sched = schedules.from_config(c, 8)
+  tx = train.make_optimizer(c, sched.learning_rate)
+  state = parallel.replicate(train.create_state(model, tx, jax.random.key(0), (8, 8, 3)), mesh)
+  step = train.make_train_step(model, tx, sched, mesh, info, 1, True)
+  images, labels = parallel.replicate(tr, mesh)
+  seen = set()
+  for i in range(16):
+    state, m = step(state, images, labels, jnp.arange(32) + 32 * (i % 8), jax.random.key(1))
+    seen.add((int(m["n_terms"]), round(float(m["beta"]), 3)))
+  assert len(seen) == 16 and len({n for n, _ in seen}) == 2  # values changed every step
+  assert step._cache_size() == 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  c = tiny_config(log_every_steps=1, checkpoint_every_steps=1, **{
+      "optimizer.name": "sgd", "optimizer.learning_rate": 1e30,
+      "quantization.kernel_quantizer": {"name": "identity"},
+      "quantization.input_quantizer": {"name": "identity"},
+      "quantization.scaling": "none", "quantization.prenorm": False})
+  with pytest.raises(FloatingPointError, match="loss became nan"):
+    train.train_and_evaluate(c, str(tmp_path))
+  steps = [int(os.path.basename(d)) for d in glob.glob(str(tmp_path / "checkpoints" / "*"))
+           if os.path.basename(d).isdigit()]
+  assert steps and min(steps) >= 1
+  assert all(np.isfinite(r["loss"]) for r in records(str(tmp_path)))
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"model": "resnet99"}, "model='resnet99' is not allowed"),
+    ({"dataset": "imagenet21k"}, "dataset='imagenet21k' is not allowed"),
+    ({"optimizer.name": "lion"}, "optimizer.name='lion' is not allowed"),
+    ({"optimizer.learning_rate": -0.1}, "learning_rate=-0.1 is not allowed"),
+    ({"batch_size": 30}, "batch_size=30 is not allowed: it must be a positive multiple of"),
+    ({"quantization.kernel_quantizer": {"name": "sgn"}}, "unknown quantizer 'sgn'"),
+    ({"quantization.scaling": "max"}, "scaling='max' is not allowed"),
+    ({"compute_dtype": "int8"}, "compute_dtype='int8' is not allowed"),
+    ({"num_epochs": 0}, "num_epochs=0 is not allowed"),
+    ({"init_from": "/nonexistent/stage1"}, "init_from='/nonexistent/stage1' is not a directory"),
+])
+def test_config_errors_stop_fast_before_writing(tmp_path, override, match):
+  wd = tmp_path / "run"
+  t = time.time()
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(tiny_config(**override), str(wd))
+  assert time.time() - t < 1.0
+  assert not wd.exists()
+
+
+def test_missing_data_stops_with_one_line_before_writing(tmp_path):
+  wd = tmp_path / "run"
+  c = tiny_config(dataset="cifar10", data_dir=str(tmp_path / "empty"),
+                  manual_dir=str(tmp_path / "empty_manual"))
+  t = time.time()
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(c, str(wd))
+  assert "cifar10" in str(e.value) and "\n" not in str(e.value)
+  assert time.time() - t < 10.0
+  assert not wd.exists()
+
+
+def test_fashion_mnist_through_tfds(tmp_path):
+  import tensorflow_datasets as tfds
+  c = tiny_config(dataset="fashion_mnist", num_epochs=1, batch_size=16, eval_batch_size=16)
+  with tfds.testing.mock_data(num_examples=32):
+    out = train.train_and_evaluate(c, str(tmp_path))
+  assert out["steps"] == 2
+  assert 0.0 <= out["final_eval_accuracy"] <= 1.0
+
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("experiments/configs/*.py")
+                 if os.path.basename(p) not in ("__init__.py", "base.py", "recipes.py"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_recipe_config_is_valid(name):
+  mod = importlib.import_module(f"experiments.configs.{name}")
+  assert f"python -m experiments.cifar --config=experiments/configs/{name}.py" in mod.__doc__
+  c = mod.get_config()
+  c.init_from = ""
+  train.validate(c)
+
+
+def test_biper_recipe_values():
+  s1, s2 = recipes.biper("resnet20", "stage1"), recipes.biper("resnet20", "stage2")
+  q1, q2 = s1.quantization.to_dict(), s2.quantization.to_dict()
+  assert q1["kernel_quantizer"] == {"name": "biper_sine", "omega0": 20.0}
+  assert q2["kernel_quantizer"] == {"name": "biper", "omega0": 20.0}
+  assert q2["input_quantizer"] == {"name": "approx_sign"}
+  assert (s1.num_epochs, s1.optimizer.learning_rate, s1.regularizer_tau) == (600, 0.021, 0.037)
+  assert (s2.num_epochs, s2.optimizer.learning_rate, s2.regularizer_tau) == (300, 0.0037, 0.0468)
+  assert s2.init_from == recipes.stage_workdir("resnet20", "stage1")
+  with pytest.raises(ValueError, match="stage='stage3' is not allowed"):
+    recipes.biper("resnet20", "stage3")
