@@ -9,7 +9,7 @@ setting stops with one line before anything is written.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fda_biper_jax import train
@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FloatingPointError) as e:

@@ -253,12 +253,13 @@ class RunLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.tb = None
     if tensorboard and jax.process_index() == 0:
-      try:
-        import tensorflow as tf  # noqa: PLC0415 -- optional dependency
+      try:  # optional: TensorFlow's summary writer needs the tensorboard package too
+        import tensorboard  # noqa: F401, PLC0415
+        import tensorflow as tf  # noqa: PLC0415
         tf.config.set_visible_devices([], "GPU")
         self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
       except ImportError:
-        self.tb = None
+        log.warning("TensorBoard is not installed: metrics go to metrics.jsonl only")
 
   def write(self, record: dict[str, Any]) -> None:
     if jax.process_index() != 0:

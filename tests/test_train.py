@@ -5,6 +5,9 @@ import importlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 
 import jax
@@ -12,25 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.configs import base, recipes
+from experiments.configs import recipes, tiny
 from fda_biper_jax import checkpoints, models, parallel, schedules, train
 
 
 def tiny_config(**overrides):
-  c = base.get_base_config()
-  c.dataset = "synthetic"
-  c.synthetic.num_train, c.synthetic.num_test = 256, 128
-  c.synthetic.image_shape, c.synthetic.num_classes = (8, 8, 3), 4
-  c.model = "tiny_cnn"
-  c.quantization.kernel_quantizer = {"name": "biper", "omega0": 20.0}
-  c.quantization.input_quantizer = {"name": "approx_sign"}
-  c.quantization.scaling = "learned"
-  c.quantization.prenorm = True
-  c.num_epochs, c.batch_size = 2, 32
-  c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay = "adam", 3e-3, 0.0
-  c.crop_pad = 1
-  c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 4, 4, 1
-  c.tensorboard = False
+  c = tiny.get_config()
   for k, v in overrides.items():
     node = c
     *path, last = k.split(".")
@@ -142,6 +132,32 @@ def test_eval_only_uses_the_saved_quantizer_settings(tmp_path, reference_run):
   assert ev["accuracy"] == pytest.approx(reference_run[1]["final_eval_accuracy"], abs=1e-6)
 
 
+def test_kill_9_loses_at_most_n_steps_and_resumes_exactly(tmp_path):
+  """A real CLI run killed with SIGKILL mid-training, then rerun to the end."""
+  overrides = {"num_epochs": 40, "checkpoint_every_steps": 16, "log_every_steps": 2}
+  wd = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "experiments.cifar", "--config=experiments/configs/tiny.py",
+         f"--workdir={wd}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  logged = 0
+  deadline = time.time() + 120
+  while logged < 40 and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+    if os.path.exists(os.path.join(wd, "metrics.jsonl")):
+      logged = max([r["step"] for r in records(wd)] or [0])
+  assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  logged = max(r["step"] for r in records(wd))
+  assert logged < 320
+  saved = [int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()]
+  assert max(saved) >= logged - 16  # at most N = 16 steps lost
+  resumed = train.train_and_evaluate(tiny_config(**overrides), wd)
+  ref = train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "uninterrupted"))
+  jax.tree.map(np.testing.assert_array_equal, params_of(ref), params_of(resumed))
+
+
 def test_schedules_never_recompile_the_step():
   c = tiny_config(**{"quantization.kernel_quantizer": {"name": "fda", "max_terms": 18},
                      "quantization.input_quantizer": {"name": "bnn_pp"}, "bnn_pp.beta_end": 50.0})
@@ -241,3 +257,17 @@ def test_biper_recipe_values():
   assert s2.init_from == recipes.stage_workdir("resnet20", "stage1")
   with pytest.raises(ValueError, match="stage='stage3' is not allowed"):
     recipes.biper("resnet20", "stage3")
+
+
+def test_bfloat16_compute_with_float32_master_weights(tmp_path):
+  out = train.train_and_evaluate(tiny_config(compute_dtype="bfloat16", num_epochs=1),
+                                 str(tmp_path))
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out["state"].params))
+  assert all(np.isfinite(r["loss"]) for r in records(str(tmp_path)))
+
+
+def test_tensorboard_event_files_when_tensorflow_is_present(tmp_path):
+  pytest.importorskip("tensorflow")
+  pytest.importorskip("tensorboard")
+  train.train_and_evaluate(tiny_config(tensorboard=True, num_epochs=1), str(tmp_path))
+  assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))

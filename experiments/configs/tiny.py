@@ -1,0 +1,26 @@
+"""A seconds-long smoke run: tiny_cnn with BiPer on generated, learnable data.
+
+  python -m experiments.cifar --config=experiments/configs/tiny.py --workdir=runs/tiny
+
+No download; the tests and the notebooks' CPU mode use this config.
+"""
+
+from experiments.configs.base import get_base_config
+
+
+def get_config():
+  c = get_base_config()
+  c.dataset = "synthetic"
+  c.synthetic.num_train, c.synthetic.num_test = 256, 128
+  c.synthetic.image_shape, c.synthetic.num_classes = (8, 8, 3), 4
+  c.model = "tiny_cnn"
+  c.quantization.kernel_quantizer = {"name": "biper", "omega0": 20.0}
+  c.quantization.input_quantizer = {"name": "approx_sign"}
+  c.quantization.scaling = "learned"
+  c.quantization.prenorm = True
+  c.num_epochs, c.batch_size = 2, 32
+  c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay = "adam", 3e-3, 0.0
+  c.crop_pad = 1
+  c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 4, 4, 1
+  c.tensorboard = False
+  return c
