@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 AXIS = "batch"
@@ -66,8 +67,54 @@ def replicate(tree, mesh):
 
 
 def shard_batch(tree, mesh):
-  """Splits the leading axis of every leaf across the mesh's devices."""
-  return jax.device_put(tree, NamedSharding(mesh, P(AXIS)))
+  """One global array per leaf from each process's part of a batch.
+
+  Every process passes its own rows (the same count on each); the result is
+  split across the mesh's devices along the leading axis. With one process
+  this is a plain split of the batch across the devices.
+  """
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), tree)
+
+
+def local_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """The part of `mesh` on this process's devices, in the same order."""
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  return jax.sharding.Mesh(np.array(local), (AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def host_batch_gatherer(mesh: jax.sharding.Mesh) -> Callable:
+  """Returns gather(images, labels, idx) -> global (images, labels) batch arrays.
+
+  Each process holds its own shard of a small dataset on its local devices
+  (replicated there) and draws its part of the global batch from it with
+  `idx`; the pieces, already sharded over the local devices, become one global
+  array sharded over the whole mesh without a copy. With one process this is
+  simply images[idx], labels[idx] split across the devices.
+  """
+  lmesh = local_mesh(mesh)
+  local_sharding = NamedSharding(lmesh, P(AXIS))
+  global_sharding = NamedSharding(mesh, P(AXIS))
+  gather = jax.jit(lambda images, labels, idx: (images[idx], labels[idx]),
+                   out_shardings=(local_sharding, local_sharding))
+
+  def globalize(x):
+    shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    order = {d: i for i, d in enumerate(lmesh.devices.flat)}
+    shards = sorted(x.addressable_shards, key=lambda s: order[s.device])
+    return jax.make_array_from_single_device_arrays(shape, global_sharding,
+                                                    [s.data for s in shards])
+
+  def batch(images, labels, idx):
+    return tuple(globalize(a) for a in gather(images, labels, idx))
+
+  return batch
+
+
+def replicate_local(tree, mesh):
+  """Places this process's pytree on each of its local devices of `mesh`."""
+  return jax.device_put(tree, NamedSharding(local_mesh(mesh), P()))
 
 
 def data_parallel(fn: Callable, mesh, in_specs, out_specs, donate_argnums=()) -> Callable:

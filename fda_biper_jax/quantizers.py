@@ -26,8 +26,9 @@ an overflowed cosh.
 
 Conventions shared by every function:
 
-* sign(0) = +1, so a binarized tensor holds exactly two values. The forward is
-  computed with `jnp.where` on the sign bit, never as `x + stop_gradient(...)`,
+* sign(0) = +1 (and sign(-0.0) = +1), so a binarized tensor holds exactly two
+  values. The forward is `jnp.where(x >= 0, 1, -1)` in x's dtype, never
+  `x + stop_gradient(...)`,
   which is not exact in bfloat16; values are exactly +1/-1 in float16,
   bfloat16, float32 and float64, and the output dtype is the input dtype.
 * Surrogate derivatives are evaluated in at least float32 and the gradient is
@@ -80,8 +81,8 @@ def _check_positive(fn: str, name: str, v) -> None:
   a = np.asarray(v)
   if a.ndim != 0 or not np.issubdtype(a.dtype, np.number):
     raise ValueError(f"{fn}: {name}={v!r} is not allowed; {name} must be a real scalar > 0")
-  if not a > 0:
-    raise ValueError(f"{fn}: {name}={float(a)!r} is not allowed; {name} must be > 0")
+  if not (a > 0 and np.isfinite(a)):
+    raise ValueError(f"{fn}: {name}={float(a)!r} is not allowed; {name} must be finite and > 0")
 
 
 def _check_n_terms(v, max_terms) -> int | None:
@@ -128,8 +129,13 @@ def square_wave(x: Array, omega0) -> Array:
   return jnp.where(t >= 0, jnp.ones_like(x), -jnp.ones_like(x))
 
 
+# |beta x| beyond this is saturated: sigmoid is exactly 0 or 1 in float32 there,
+# and clipping keeps bx * s(1-s) = inf * 0 from producing nan.
+_SIGN_SWISH_SATURATION = 100.0
+
+
 def _sign_swish_parts(x: Array, beta):
-  bx = beta * x
+  bx = jnp.clip(beta * x, -_SIGN_SWISH_SATURATION, _SIGN_SWISH_SATURATION)
   s = jax.nn.sigmoid(bx)
   return bx, s
 
@@ -212,8 +218,9 @@ _sign_swish_vjp = _pair(lambda x, beta: sign(x), sign_swish_derivative)
 _biper_vjp = _pair(square_wave, lambda x, w0: w0 * jnp.cos(w0 * x))
 _biper_sine_vjp = _pair(lambda x, w0: jnp.sin(w0 * x.astype(_compute_dtype(x.dtype))).astype(x.dtype),
                         lambda x, w0: w0 * jnp.cos(w0 * x))
-_bnn_pp_vjp = _pair(lambda x, beta: sign_swish_map(x, beta).astype(x.dtype),
-                    sign_swish_derivative)
+_bnn_pp_vjp = _pair(
+    lambda x, beta: sign_swish_map(x.astype(_compute_dtype(x.dtype)), beta).astype(x.dtype),
+    sign_swish_derivative)
 _fda_vjp = _pair(
     lambda x, omega, n, max_terms: sign(x),
     lambda x, omega, n, max_terms: fda_series_derivative(x, omega, n, max_terms),
@@ -320,9 +327,9 @@ def bnn_pp(x: Array, beta) -> Array:
   Reading of the paper: PC++ requires the forward quantizer to be a proximal
   map composed with the backward one, F = P o B. BNN++ takes B = the
   SignSwish map SS_beta and applies it in the forward pass too, so during
-  training the network sees the smooth SS_beta(x) (values in about
-  (-1.1, 1.1)), and anneals beta upward over training so that SS_beta -> sign
-  pointwise. The gradient is SS_beta'(x). Training output is therefore not
+  training the network sees the smooth SS_beta(x) (values in [-1.2, 1.2]:
+  its extrema are +-1.19968), and anneals beta upward over training so that
+  SS_beta -> sign pointwise. The gradient is SS_beta'(x). Training output is therefore not
   binary; the deployed network uses sign (`Quantizer.binarize`), the limit
   beta -> inf. beta may be traced, so an annealing schedule never recompiles.
   """

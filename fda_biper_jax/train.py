@@ -5,9 +5,9 @@ line (`experiments/cifar.py`), the notebooks and the tests all call it.
 
 One training step (`make_train_step`), jitted once for the whole run:
 
-1. outside the per-device body, on the global batch: gather the step's
-   examples from the device-resident dataset, random-crop (zero padding)
-   and flip, then normalise, with a key derived from (seed, step). JAX's partitionable PRNG makes
+1. each process gathers its part of the global batch from its shard of the
+   dataset, held on its devices (`parallel.host_batch_gatherer`); then, on
+   the global batch, random crop (zero padding) and flip, then normalise, with a key derived from (seed, step). JAX's partitionable PRNG makes
    these values independent of the device count;
 2. per device (`jax.shard_map` over parallel.AXIS, pmap semantics): the
    schedule values of this step (learning rate, FDA n and alpha, BNN++ beta,
@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from fda_biper_jax import checkpoints as ckpt_lib
 from fda_biper_jax import data as data_lib
@@ -163,7 +163,8 @@ def _sum_losses(collection) -> jax.Array:
 
 def make_train_step(model, tx, schedules: schedules_lib.Schedules, mesh, info,
                     crop_pad: int, flip: bool, donate: bool = True):
-  """Returns step(state, images, labels, idx, key) -> (state, metrics)."""
+  """Returns step(state, images, labels, key) -> (state, metrics) on a global
+  uint8 batch sharded over the mesh (see `parallel.host_batch_gatherer`)."""
 
   def per_device(state: TrainState, x, y):
     values = schedules.values(state.step)
@@ -193,15 +194,11 @@ def make_train_step(model, tx, schedules: schedules_lib.Schedules, mesh, info,
 
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
                          out_specs=(P(), P()))
-  batch_sharding = NamedSharding(mesh, P(parallel.AXIS))
-
-  def step(state, images, labels, idx, key):
+  def step(state, images, labels, key):
     k = jax.random.fold_in(key, state.step)
     # Crop padding enters as black pixels, as the reference CIFAR pipelines.
-    x = data_lib.normalize(data_lib.augment(k, images[idx], pad=crop_pad, flip=flip), info)
-    x = lax.with_sharding_constraint(x, batch_sharding)
-    y = lax.with_sharding_constraint(labels[idx], batch_sharding)
-    return mapped(state, x, y)
+    x = data_lib.normalize(data_lib.augment(k, images, pad=crop_pad, flip=flip), info)
+    return mapped(state, x, labels)
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 
@@ -223,8 +220,13 @@ def make_eval_step(model, mesh, info):
 
 
 def evaluate(eval_step, state, test, batch_size: int, mesh) -> dict[str, float]:
-  """Accuracy and mean loss over the whole test split (padded, masked)."""
+  """Accuracy and mean loss over the whole test split (padded, masked).
+
+  `test` is this process's shard; every process contributes batch_size /
+  process_count rows to each global eval batch.
+  """
   images, labels = test
+  batch_size //= jax.process_count()
   n = images.shape[0]
   pad = (-n) % batch_size
   mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
@@ -298,7 +300,9 @@ def load_data(config) -> tuple[data_lib.DatasetInfo, tuple, tuple]:
     s = config.synthetic
     d = data_lib.synthetic(s.num_train, s.num_test, tuple(s.image_shape), s.num_classes,
                            seed=s.seed)
-    return data_lib.synthetic_info(d, s.num_classes), d["train"], d["test"]
+    p, n = jax.process_index(), jax.process_count()
+    shard = lambda split: tuple(a[p * (len(a) // n):(p + 1) * (len(a) // n)] for a in split)  # noqa: E731
+    return data_lib.synthetic_info(d, s.num_classes), shard(d["train"]), shard(d["test"])
   kw = dict(data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
             process_index=jax.process_index(), process_count=jax.process_count())
   info = data_lib.info(config.dataset)
@@ -331,8 +335,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.make_mesh(config.num_devices or None)
   validate(config, mesh)
   info, train, test = load_data(config)  # a missing dataset fails here, before any file
-  num_train = train[0].shape[0]
-  steps_per_epoch = num_train // config.batch_size
+  num_train = train[0].shape[0]  # this process's shard
+  steps_per_epoch = num_train // (config.batch_size // jax.process_count())
   if steps_per_epoch < 1:
     _fail(f"batch_size={config.batch_size} is larger than the {num_train} training examples")
   eval_batch = config.eval_batch_size or config.batch_size
@@ -363,7 +367,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   train_step = make_train_step(model, tx, sched, mesh, info, config.crop_pad, config.flip)
   eval_step = make_eval_step(model, mesh, info)
-  images, labels = parallel.replicate((train[0], train[1]), mesh)
+  images, labels = parallel.replicate_local((train[0], train[1]), mesh)
+  gather = parallel.host_batch_gatherer(mesh)
+  host_batch = config.batch_size // jax.process_count()
 
   total = sched.total_steps
   step = int(state.step)
@@ -393,11 +399,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   while step < total:
     epoch = step // steps_per_epoch
     if epoch != perm_epoch:
-      perm = data_lib.epoch_permutation(jax.random.fold_in(data_key, epoch), num_train,
-                                        config.batch_size)
+      perm = data_lib.epoch_permutation(
+          jax.random.fold_in(jax.random.fold_in(data_key, jax.process_index()), epoch),
+          num_train, host_batch)
       perm_epoch = epoch
-    idx = perm[step % steps_per_epoch]
-    state, metrics = train_step(state, images, labels, idx, aug_key)
+    state, metrics = train_step(state, *gather(images, labels, perm[step % steps_per_epoch]),
+                                aug_key)
     metrics["step"] = step + 1
     pending.append(metrics)
     step += 1

@@ -35,8 +35,7 @@ import itertools
 import json
 import math
 import re
-import unittest
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -355,16 +354,15 @@ class VariantsTest(QuantizerTestCase):
   def test_forward_dtype_shape_values(self, case):
     c = CASES[case]
     vg = _value_and_grad(c.fn)
-    # The smooth forwards stay on moderate inputs: bnn_pp's is nan once |beta x| overflows
-    # (see BugsTest), and sin of an overflowed phase (biper_sine at bfloat16 max) is nan.
-    xs = [forward_grid(d, moderate_only=(case in ("bnn_pp", "biper_sine"))) for d in DTYPES]
+    # biper_sine stays on moderate inputs: sin of an overflowed float32 phase (20 x at
+    # bfloat16 max) is nan, and no finite answer is meaningful there.
+    xs = [forward_grid(d, moderate_only=(case == "biper_sine")) for d in DTYPES]
     xs.append(backward_grid(c, F32))  # and the backward rule on its grid
     cots = [_cot_like(x, i) for i, x in enumerate(xs)]
     # one program for all dtypes; with_pmap broadcasts every input to the 8 devices
     outs = self.variant(lambda xs, cots: [vg(x, t) for x, t in zip(xs, cots)])(xs, cots)
     for dtype, x, cot, (y, g) in zip(DTYPES, xs, cots, outs):
-      self.assert_forward(c, x, y, dtype,
-                          smooth_ulps=8.0 if case == "bnn_pp" else 2.0)  # see BugsTest
+      self.assert_forward(c, x, y, dtype)
       self.assertEqual(np.asarray(g).dtype, _np_dtype(dtype))
       self.assertEqual(np.shape(g), x.shape)
       if case in ("bnn_pp", "biper_sine", "identity"):  # grids without overflowing rules
@@ -446,9 +444,7 @@ class ForwardTest(QuantizerTestCase):
       c = dataclasses.replace(CASES["bnn_pp"], fn=lambda x: quantizers.bnn_pp(x, beta),
                               fwd64=lambda x: ss64(x, beta), amp=beta,
                               phase_slack=_ss_slack(beta))
-      # strict (2 ulps) in float32; see BugsTest for bfloat16/float16
-      self.assert_forward(c, x, quantizers.bnn_pp(x, beta), dtype,
-                          smooth_ulps=2.0 if dtype == F32 else 8.0)
+      self.assert_forward(c, x, quantizers.bnn_pp(x, beta), dtype)
       # ... and the module's own map agrees with the reference too
       np.testing.assert_allclose(_np(quantizers.sign_swish_map(x64.astype(np.float32), beta)),
                                  ss64(_np(x64.astype(np.float32)), beta), atol=1e-5)
@@ -909,21 +905,25 @@ class ErrorsTest(QuantizerTestCase):
 
   @parameterized.named_parameters(
       dict(testcase_name="fda_omega_zero", call=lambda x: quantizers.fda(x, 0.0, 9),
-           msg=r"^fda: omega=0\.0 is not allowed; omega must be > 0$"),
+           msg=r"^fda: omega=0\.0 is not allowed; omega must be finite and > 0$"),
       dict(testcase_name="fda_omega_negative", call=lambda x: quantizers.fda(x, -0.5, 9),
-           msg=r"^fda: omega=-0\.5 is not allowed; omega must be > 0$"),
+           msg=r"^fda: omega=-0\.5 is not allowed; omega must be finite and > 0$"),
       dict(testcase_name="fda_omega_nan", call=lambda x: quantizers.fda(x, float("nan"), 9),
-           msg=r"^fda: omega=nan is not allowed; omega must be > 0$"),
+           msg=r"^fda: omega=nan is not allowed; omega must be finite and > 0$"),
+      dict(testcase_name="fda_omega_inf", call=lambda x: quantizers.fda(x, float("inf"), 9),
+           msg=r"^fda: omega=inf is not allowed; omega must be finite and > 0$"),
+      dict(testcase_name="bnn_pp_beta_inf", call=lambda x: quantizers.bnn_pp(x, float("inf")),
+           msg=r"^bnn_pp: beta=inf is not allowed; beta must be finite and > 0$"),
       dict(testcase_name="biper_omega0_zero", call=lambda x: quantizers.biper(x, 0.0),
-           msg=r"^biper: omega0=0\.0 is not allowed; omega0 must be > 0$"),
+           msg=r"^biper: omega0=0\.0 is not allowed; omega0 must be finite and > 0$"),
       dict(testcase_name="biper_omega0_negative", call=lambda x: quantizers.biper(x, -20),
-           msg=r"^biper: omega0=-20\.0 is not allowed; omega0 must be > 0$"),
+           msg=r"^biper: omega0=-20\.0 is not allowed; omega0 must be finite and > 0$"),
       dict(testcase_name="biper_omega0_vector",
            call=lambda x: quantizers.biper(x, np.array([1.0, 2.0])),
            msg=r"^biper: omega0=array\(\[1\., 2\.\]\) is not allowed; omega0 must be a real "
                r"scalar > 0$"),
       dict(testcase_name="biper_sine_omega0", call=lambda x: quantizers.biper_sine(x, -1.0),
-           msg=r"^biper_sine: omega0=-1\.0 is not allowed; omega0 must be > 0$"),
+           msg=r"^biper_sine: omega0=-1\.0 is not allowed; omega0 must be finite and > 0$"),
       dict(testcase_name="fda_n_terms_negative", call=lambda x: quantizers.fda(x, 0.1, -1),
            msg=r"^fda: n_terms=-1 is not allowed; n_terms must be an integer >= 0$"),
       dict(testcase_name="fda_n_terms_fraction", call=lambda x: quantizers.fda(x, 0.1, 2.5),
@@ -940,22 +940,22 @@ class ErrorsTest(QuantizerTestCase):
            call=lambda x: jax.jit(lambda x, n: quantizers.fda(x, 0.1, n))(x, jnp.int32(9)),
            msg=r"^fda: n_terms is a traced value, so a static max_terms is required"),
       dict(testcase_name="sign_swish_beta_zero", call=lambda x: quantizers.sign_swish(x, 0.0),
-           msg=r"^sign_swish: beta=0\.0 is not allowed; beta must be > 0$"),
+           msg=r"^sign_swish: beta=0\.0 is not allowed; beta must be finite and > 0$"),
       dict(testcase_name="sign_swish_beta_negative",
            call=lambda x: quantizers.sign_swish(x, -5.0),
-           msg=r"^sign_swish: beta=-5\.0 is not allowed; beta must be > 0$"),
+           msg=r"^sign_swish: beta=-5\.0 is not allowed; beta must be finite and > 0$"),
       dict(testcase_name="bnn_pp_beta_zero", call=lambda x: quantizers.bnn_pp(x, 0.0),
-           msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be > 0$"),
+           msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be finite and > 0$"),
       dict(testcase_name="bnn_pp_beta_negative", call=lambda x: quantizers.bnn_pp(x, -1),
-           msg=r"^bnn_pp: beta=-1\.0 is not allowed; beta must be > 0$"),
+           msg=r"^bnn_pp: beta=-1\.0 is not allowed; beta must be finite and > 0$"),
       dict(testcase_name="ste_clip_zero", call=lambda x: quantizers.ste_sign(x, 0.0),
-           msg=r"^ste_sign: clip=0\.0 is not allowed; clip must be > 0$"),
+           msg=r"^ste_sign: clip=0\.0 is not allowed; clip must be finite and > 0$"),
       dict(testcase_name="ste_clip_negative", call=lambda x: quantizers.ste_sign(x, -1.0),
-           msg=r"^ste_sign: clip=-1\.0 is not allowed; clip must be > 0$"),
+           msg=r"^ste_sign: clip=-1\.0 is not allowed; clip must be finite and > 0$"),
       dict(testcase_name="fda_clip_zero", call=lambda x: quantizers.fda(x, 0.1, 9, 0.0),
-           msg=r"^fda: clip=0\.0 is not allowed; clip must be > 0$"),
+           msg=r"^fda: clip=0\.0 is not allowed; clip must be finite and > 0$"),
       dict(testcase_name="fda_clip_negative", call=lambda x: quantizers.fda(x, 0.1, 9, -2.0),
-           msg=r"^fda: clip=-2\.0 is not allowed; clip must be > 0$"),
+           msg=r"^fda: clip=-2\.0 is not allowed; clip must be finite and > 0$"),
       dict(testcase_name="get_unknown_name", call=lambda x: quantizers.get("sine"),
            msg=r"^unknown quantizer 'sine'; allowed names: "
                + re.escape(str(list(quantizers.NAMES))) + "$"),
@@ -969,7 +969,7 @@ class ErrorsTest(QuantizerTestCase):
            call=lambda x: quantizers.get("fda", n_terms=30, max_terms=18),
            msg=r"^fda: n_terms=30 exceeds max_terms=18"),
       dict(testcase_name="get_bad_beta", call=lambda x: quantizers.get("bnn_pp", beta=0),
-           msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be > 0$"),
+           msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be finite and > 0$"),
       dict(testcase_name="override_non_schedulable",
            call=lambda x: quantizers.get("biper")(x, omega0=3.0),
            msg=r"^quantizer 'biper': cannot override \['omega0'\] per call; schedulable "
@@ -1073,22 +1073,18 @@ class RegistryTest(QuantizerTestCase):
 
 
 # --------------------------------------------------------------------------
-# Defects found in quantizers.py (expected failures; remove the decorator once fixed)
+# Regressions: defects found in quantizers.py by this suite (now fixed)
 # --------------------------------------------------------------------------
 
 
-class BugsTest(QuantizerTestCase):
-  """Each test states the correct behaviour; each fails today for the reason given."""
+class RegressionTest(QuantizerTestCase):
+  """Each test failed on the first version of quantizers.py, for the reason given."""
 
-  # BUG A: bnn_pp's forward evaluates SS_beta in the input dtype, not in float32 as the
-  # module's other low-precision paths do: `_bnn_pp_vjp`'s forward is
-  # `sign_swish_map(x, beta).astype(x.dtype)` on the bfloat16/float16 x itself, so with a
-  # Python-float (weakly typed) beta the whole map runs in bfloat16/float16 and the
-  # `.astype` is a no-op. Off by up to 5 ulps in bfloat16 (0.039 absolute) and 7 ulps in
-  # float16, and the value depends on the *type* of beta (a float32 array beta, as a
-  # schedule passes, promotes to float32 and is within 1 ulp).
-  # Fix: `sign_swish_map(x.astype(_compute_dtype(x.dtype)), beta).astype(x.dtype)`.
-  @unittest.expectedFailure
+  # A: bnn_pp's forward evaluated SS_beta in the input dtype rather than in float32
+  # (`sign_swish_map(x, beta).astype(x.dtype)` on the bfloat16/float16 x: with a
+  # Python-float beta the map ran in bfloat16/float16 and the `.astype` was a no-op).
+  # It was off by up to 0.039 (5 ulps of 1) in bfloat16, 7 ulps in float16, and depended
+  # on the *type* of beta (a float32 array beta, as a schedule passes, promoted to float32).
   def test_bnn_pp_forward_low_precision_within_one_ulp(self):
     for dtype in (BF16, F16):
       x = np.linspace(-3, 3, 601).astype(_np_dtype(dtype))
@@ -1099,22 +1095,19 @@ class BugsTest(QuantizerTestCase):
         np.testing.assert_allclose(y, ref, rtol=0, atol=eps,
                                    err_msg=f"{jnp.dtype(dtype).name} beta={beta!r}")
 
-  # BUG A, float16 consequence: beta*x is formed in float16, so once |beta x| > 65504 it
-  # is inf and SS = 2 s (1 + inf * 0) - 1 = nan: with beta = 5 for every |x| > 13101, and
+  # A, float16 consequence: beta*x was formed in float16, so once |beta x| > 65504 it
+  # was inf and SS = 2 s (1 + inf * 0) - 1 = nan: with beta = 5 for every |x| > 13101, and
   # with an annealed beta = 1000 already for every |x| > 65.5.
-  @unittest.expectedFailure
   def test_bnn_pp_forward_float16_does_not_overflow(self):
     for xs, beta in (([100.0, -100.0, 2e4, -2e4], 1000.0), ([2e4, -2e4], 5.0)):
       y = _np(quantizers.bnn_pp(np.asarray(xs, np.float16), beta))
       np.testing.assert_array_equal(y, sign64(np.asarray(xs)), err_msg=f"beta={beta}")
 
-  # BUG B: SS_beta(x) = 2 s (1 + bx (1 - s)) - 1 and SS_beta'(x) = 2 b s (1 - s)(2 +
-  # bx (1 - 2s)) are nan once bx overflows float32 (s (1 - s) = 0 times bx = inf), though
-  # the docstring picks this form so that it "never divides an overflowed cosh"; the
+  # B: SS_beta(x) = 2 s (1 + bx (1 - s)) - 1 and SS_beta'(x) = 2 b s (1 - s)(2 +
+  # bx (1 - 2s)) were nan once bx overflowed float32 (s (1 - s) = 0 times bx = inf); the
   # limits are sign(x) and 0. Reachable from finite float32/bfloat16 inputs: |x| > 6.8e37
-  # with beta = 5, |x| > 3.4e34 with beta = 1e4. Affects sign_swish's gradient and
-  # bnn_pp's value and gradient. Fix: e.g. evaluate at clip(bx, -100, 100).
-  @unittest.expectedFailure
+  # with beta = 5, |x| > 3.4e34 with beta = 1e4 (sign_swish's gradient, bnn_pp's value
+  # and gradient).
   def test_sign_swish_finite_when_beta_x_overflows(self):
     for dtype in (F32, BF16):
       big = float(jnp.finfo(dtype).max)

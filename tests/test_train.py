@@ -168,10 +168,12 @@ def test_schedules_never_recompile_the_step():
   tx = train.make_optimizer(c, sched.learning_rate)
   state = parallel.replicate(train.create_state(model, tx, jax.random.key(0), (8, 8, 3)), mesh)
   step = train.make_train_step(model, tx, sched, mesh, info, 1, True)
-  images, labels = parallel.replicate(tr, mesh)
+  images, labels = parallel.replicate_local(tr, mesh)
+  gather = parallel.host_batch_gatherer(mesh)
   seen = set()
   for i in range(16):
-    state, m = step(state, images, labels, jnp.arange(32) + 32 * (i % 8), jax.random.key(1))
+    batch = gather(images, labels, jnp.arange(32) + 32 * (i % 8))
+    state, m = step(state, *batch, jax.random.key(1))
     seen.add((int(m["n_terms"]), round(float(m["beta"]), 3)))
   assert len(seen) == 16 and len({n for n, _ in seen}) == 2  # values changed every step
   assert step._cache_size() == 1

@@ -1,0 +1,438 @@
+"""Export of a trained binary network to one packed, self-describing file.
+
+`export(model, variables, input_shape)` turns a model of the zoo and its
+variables into a `Packed` network; `export_checkpoint(workdir)` does so from
+a training run's checkpoint, with the model configuration saved in it.
+`save` / `load` write and read the file; `inference.Predictor(packed)` runs it.
+
+What is exported (XNOR-Net's deployment, Rastegari et al. 2016):
+
+* packed: every `BinaryConv` / `BinaryDense` whose kernel quantizer is binary
+  (`Quantizer.is_binary`). Its kernel is binarized once with the layer's own
+  quantizer, `q.binarize(W)` (sign, or BiPer's sign(sin(omega0 W))), exactly
+  as the layer does in evaluation, flattened to [K, Cout] (HWIO order for a
+  conv, K = kh kw Cin; K = Cin for dense), transposed to [Cout, K] and packed
+  32 per uint32 along K (`inference.pack_bits`). Per output channel: a
+  float32 scale s (mean |W_c| for scaling 'mean_abs', the learned 'scale'
+  for 'learned', 1 for 'none') and bias b (the layer's bias, or 0), so the
+  layer computes dot * s + b.
+* folded: the BatchNorm of a `ConvUnit` whose conv is packed, when it is an
+  affine map of the conv's output. BN(z) = z m + (beta - mu m) with
+  m = gamma / sqrt(var + eps), so BN(dot s + b) = dot (s m) + (b m + beta - mu m).
+  FDA's unit, conv -> PReLU -> BN, is never folded. VGG-Small's unit,
+  conv -> 2x2 max-pool -> BN, is folded only when every m_c >= 0: max-pooling
+  commutes with z -> z m + c only for m >= 0 (a negative m turns the max into
+  a min). An unfolded BatchNorm stays a float op.
+* float: every other variable (stem, head, 1x1 downsample convs, unfolded
+  BatchNorms, PReLU slopes), as float32. FDA's noise adapters, which the
+  evaluation forward never uses, are dropped.
+
+File format 'fda_biper_jax.packed', version 1 (integers little-endian):
+
+    magic    8 bytes   b"FBJ-PACK"
+    L        uint64    length of the header in bytes
+    digest   32 bytes  SHA-256 of the header
+    header   L bytes   UTF-8 JSON, below
+    payload            the arrays' bytes (C order, little-endian), back to
+                       back in the order of header["arrays"]; nothing follows
+
+    header = {
+      "format": "fda_biper_jax.packed", "version": 1,
+      "model": models.config(model): name, num_classes, dtype and every
+               quantizer setting; `models.from_config` rebuilds the model,
+      "input_shape": [H, W, C], the per-example input the export traced,
+      "source_params": the number of parameters of the exported model,
+      "layers": {module path: {"type": "conv" | "dense",
+                               "kernel_shape": latent kernel shape (HWIO / [in, out]),
+                               "reduction": K, "kernel_quantizer": its config,
+                               "input_quantizer": its config or null,
+                               "binary_input": whether the xor-popcount path runs,
+                               "scaling": "none" | "mean_abs" | "learned",
+                               "folded_bn": the folded BatchNorm's path or null}},
+      "arrays": {name: {"dtype": "uint32" | "float32", "shape": [...],
+                        "offset": from the payload start, "nbytes": ...,
+                        "sha256": hex digest of the bytes}},
+    }
+
+Array names: "packed/<layer path>/kernel" (uint32 [Cout, ceil(K / 32)],
+unused tail bits 0), "packed/<layer path>/scale" and ".../bias" (float32
+[Cout]); "float/<collection>/<module path>/<variable>" for the float
+variables. Every byte of the file is covered by the magic, a length, or a
+checksum: `load` rejects a truncated, extended, tampered, wrong-format,
+wrong-version or internally inconsistent file with one ValueError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from fda_biper_jax import checkpoints, data, inference, models, quantizers, schedules, train
+from fda_biper_jax.layers import BinaryConv, BinaryDense
+from fda_biper_jax.models.blocks import ConvUnit
+
+FORMAT = "fda_biper_jax.packed"
+VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+MAGIC = b"FBJ-PACK"
+_PREAMBLE = struct.Struct("<8sQ32s")  # magic, header length, header SHA-256
+DTYPES = ("uint32", "float32")
+WHICH = ("latest", "best")
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+  """An exported network: the JSON header and its named numpy arrays.
+
+  `header` is as in the module docstring, without "arrays" (written by
+  `to_bytes` from `arrays`).
+  """
+  header: Mapping[str, Any]
+  arrays: Mapping[str, np.ndarray]
+
+  def model(self) -> nn.Module:
+    return models.from_config(self.header["model"])
+
+  def layer_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+    """{layer path: {'kernel', 'scale', 'bias'}} of the packed layers."""
+    return {p: {k: self.arrays[f"packed/{p}/{k}"] for k in ("kernel", "scale", "bias")}
+            for p in self.header["layers"]}
+
+  def float_variables(self) -> dict[str, Any]:
+    """The float variables as a Flax variables tree {'params': ..., 'batch_stats': ...}."""
+    flat = {k[len("float/"):]: v for k, v in self.arrays.items() if k.startswith("float/")}
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+  @property
+  def file_bytes(self) -> int:
+    return len(to_bytes(self))
+
+  def sizes(self) -> dict[str, Any]:
+    """File bytes against the float32 bytes of the source model's parameters."""
+    f32 = 4 * int(self.header["source_params"])
+    size = self.file_bytes
+    return {"file_bytes": size, "float32_param_bytes": f32, "ratio": size / f32}
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+
+def _path(*parts: str) -> str:
+  return "/".join(p for p in parts if p)
+
+
+def _node(tree: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+  for part in path.split("/"):
+    tree = tree[part]
+  return tree
+
+
+def _modules(model: nn.Module, variables, input_shape: Sequence[int]) -> dict[str, nn.Module]:
+  """{path: module} of every module the eval forward calls (traced, nothing runs)."""
+  found: dict[str, nn.Module] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == "__call__":
+      found[_path(*context.module.path)] = context.module
+    return next_fun(*args, **kwargs)
+
+  def forward(v, x):
+    with nn.intercept_methods(interceptor):
+      return model.apply(v, x, train=False)
+
+  jax.eval_shape(forward, variables, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  return found
+
+
+def _is_packed(module: nn.Module) -> bool:
+  return (isinstance(module, (BinaryConv, BinaryDense)) and module.kernel_quantizer is not None
+          and quantizers.get(module.kernel_quantizer).is_binary)
+
+
+def _bn_affine(bn: nn.BatchNorm, params, stats) -> tuple[np.ndarray, np.ndarray]:
+  """(m, c) with BN(z) = z m + c in evaluation, computed as flax's BatchNorm does."""
+  m = jax.lax.rsqrt(jnp.asarray(stats["var"]) + bn.epsilon)
+  if bn.use_scale:
+    m = m * params["scale"]
+  c = -jnp.asarray(stats["mean"]) * m
+  if bn.use_bias:
+    c = c + params["bias"]
+  return np.asarray(m, np.float32), np.asarray(c, np.float32)
+
+
+def _folds(modules: Mapping[str, nn.Module], variables) -> dict[str, str]:
+  """{packed conv path: BatchNorm path} of the exact folds (module docstring)."""
+  folds = {}
+  for path, unit in modules.items():
+    if not isinstance(unit, ConvUnit) or unit.activation_first:
+      continue
+    conv, bn = _path(path, "conv"), _path(path, "bn")
+    if not _is_packed(modules.get(conv)):
+      continue
+    m, _ = _bn_affine(modules[bn], _node(variables["params"], bn),
+                      _node(variables["batch_stats"], bn))
+    if not unit.pool or np.all(m >= 0):
+      folds[conv] = bn
+  return folds
+
+
+def _pack_layer(module: BinaryConv | BinaryDense, params, bn_affine) -> dict[str, np.ndarray]:
+  w = jnp.asarray(params["kernel"], jnp.float32)
+  k = int(np.prod(w.shape[:-1]))
+  signs = quantizers.get(module.kernel_quantizer).binarize(w).reshape(k, module.features)
+  if module.scaling == "mean_abs":
+    scale = jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+  elif module.scaling == "learned":
+    scale = jnp.asarray(params["scale"], jnp.float32)
+  else:
+    scale = jnp.ones((module.features,), jnp.float32)
+  bias = (jnp.asarray(params["bias"], jnp.float32) if module.use_bias
+          else jnp.zeros((module.features,), jnp.float32))
+  if bn_affine is not None:
+    m, c = bn_affine
+    scale, bias = scale * m, bias * m + c
+  return {"kernel": np.asarray(inference.pack_bits((signs < 0).T)),
+          "scale": np.asarray(scale, np.float32), "bias": np.asarray(bias, np.float32)}
+
+
+def _layer_entry(module: BinaryConv | BinaryDense, params, folded_bn: str | None) -> dict:
+  shape = [int(d) for d in params["kernel"].shape]
+  qi = None if module.input_quantizer is None else quantizers.get(module.input_quantizer)
+  return {"type": "conv" if isinstance(module, BinaryConv) else "dense",
+          "kernel_shape": shape, "reduction": int(np.prod(shape[:-1])),
+          "kernel_quantizer": quantizers.get(module.kernel_quantizer).config(),
+          "input_quantizer": None if qi is None else qi.config(),
+          "binary_input": bool(qi is not None and qi.is_binary),
+          "scaling": module.scaling, "folded_bn": folded_bn}
+
+
+def export(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]) -> Packed:
+  """The packed network of a zoo `model` with `variables` ({'params', 'batch_stats'}).
+
+  Args:
+    model: a model of `models` (its `models.config` goes into the file).
+    variables: its trained variables.
+    input_shape: one example's shape (H, W, C), e.g. (32, 32, 3).
+
+  Raises:
+    ValueError: the model is not of the zoo, or the variables do not fit it.
+  """
+  config = models.config(model)
+  variables = jax.device_get(dict(variables))
+  input_shape = [int(d) for d in input_shape]
+  mods = _modules(model, variables, input_shape)
+  folds = _folds(mods, variables)
+  layers, arrays = {}, {}
+  for path, module in mods.items():
+    if not _is_packed(module):
+      continue
+    params = _node(variables["params"], path)
+    bn = folds.get(path)
+    affine = None if bn is None else _bn_affine(mods[bn], _node(variables["params"], bn),
+                                                _node(variables["batch_stats"], bn))
+    layers[path] = _layer_entry(module, params, bn)
+    for k, v in _pack_layer(module, params, affine).items():
+      arrays[f"packed/{path}/{k}"] = v
+  dropped = tuple(f"{p}/" for p in (*layers, *folds.values()))
+  for key, v in traverse_util.flatten_dict(variables, sep="/").items():
+    if not key.split("/", 1)[1].startswith(dropped):
+      arrays[f"float/{key}"] = np.asarray(v, np.float32)
+  source = sum(int(np.size(v)) for v in jax.tree.leaves(variables["params"]))
+  header = {"format": FORMAT, "version": VERSION, "model": config, "input_shape": input_shape,
+            "source_params": source, "layers": layers}
+  return Packed(header, arrays)
+
+
+def _image_shape(config) -> tuple[int, ...]:
+  if config.dataset == "synthetic":
+    return tuple(int(d) for d in config.synthetic.image_shape)
+  return data.info(config.dataset).image_shape
+
+
+def restore(workdir: str, which: str = "latest") -> tuple[nn.Module, dict, tuple, int]:
+  """(model, variables, image shape, step) of a run's latest or best checkpoint."""
+  if which not in WHICH:
+    raise ValueError(f"which={which!r} is not allowed; allowed: {list(WHICH)}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"workdir={workdir!r} holds no checkpoints/ folder (a training run's "
+                     "workdir is expected)")
+  ckpts = checkpoints.Checkpoints(workdir)
+  try:
+    meta = ckpts.read_meta(which)
+    if meta is None:
+      raise ValueError(f"workdir={workdir!r} holds no {which} checkpoint")
+    model = models.from_config(meta["model"])
+    saved = ml_collections.ConfigDict(meta["config"])
+    shape = _image_shape(saved)
+    tx = train.make_optimizer(saved, schedules.from_config(saved, 1).learning_rate)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    template = jax.eval_shape(lambda: train.create_state(model, tx, jax.random.key(0), shape))
+    template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            template)
+    found = ckpts.restore_best(template) if which == "best" else ckpts.restore_latest(template)
+  finally:
+    ckpts.close()
+  if found is None:
+    raise ValueError(f"workdir={workdir!r}: no {which} checkpoint could be read")
+  step, state, _ = found
+  return model, {"params": state.params, "batch_stats": state.batch_stats}, shape, int(step)
+
+
+def export_checkpoint(workdir: str, out: str, which: str = "latest") -> dict[str, Any]:
+  """Exports a run's latest (or best) checkpoint to the file `out`; returns a report.
+
+  The report: model name, step, the file's bytes, the float32 bytes of the
+  model's parameters and their ratio, the orbax step folder's bytes, the
+  packed layers and folded BatchNorms. The file is read back (and so
+  validated) before returning.
+  """
+  model, variables, shape, step = restore(workdir, which)
+  packed = export(model, variables, shape)
+  save(packed, out)
+  load(out)
+  folder = os.path.join(workdir, "best" if which == "best" else "checkpoints", str(step))
+  folder_bytes = sum(os.path.getsize(os.path.join(d, f))
+                     for d, _, files in os.walk(folder) for f in files)
+  layers = packed.header["layers"]
+  return {"model": packed.header["model"]["name"], "step": step, "which": which, "out": out,
+          **packed.sizes(), "checkpoint_bytes": folder_bytes,
+          "packed_layers": len(layers),
+          "folded_batch_norms": sum(e["folded_bn"] is not None for e in layers.values())}
+
+
+# --------------------------------------------------------------------------
+# The file
+# --------------------------------------------------------------------------
+
+
+def to_bytes(packed: Packed) -> bytes:
+  """The file's bytes (module docstring)."""
+  index, offset, chunks = {}, 0, []
+  for name, a in packed.arrays.items():
+    a = np.ascontiguousarray(a)
+    if a.dtype.name not in DTYPES:
+      raise ValueError(f"array {name!r} has dtype {a.dtype}; allowed: {list(DTYPES)}")
+    raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
+    index[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
+                   "nbytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    offset += len(raw)
+    chunks.append(raw)
+  header = json.dumps({**packed.header, "arrays": index}).encode("utf-8")
+  return _PREAMBLE.pack(MAGIC, len(header), hashlib.sha256(header).digest()) + header + \
+      b"".join(chunks)
+
+
+def save(packed: Packed, path: str) -> None:
+  """Writes `packed` to `path` (atomically: a temporary file, then a rename)."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(to_bytes(packed))
+  os.replace(tmp, path)
+
+
+def _array(data: memoryview, name: str, entry: Mapping[str, Any], start: int) -> np.ndarray:
+  if entry.get("dtype") not in DTYPES:
+    raise ValueError(f"array {name!r} has dtype {entry.get('dtype')!r}; allowed: {list(DTYPES)}")
+  dtype = np.dtype(entry["dtype"]).newbyteorder("<")
+  shape = tuple(entry["shape"])
+  if any(not isinstance(d, int) or d < 0 for d in shape) or \
+      entry["nbytes"] != int(np.prod(shape)) * dtype.itemsize:
+    raise ValueError(f"array {name!r}: shape {list(shape)} does not match its "
+                     f"{entry['nbytes']} bytes of {entry['dtype']}")
+  raw = data[start + entry["offset"]:start + entry["offset"] + entry["nbytes"]]
+  if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+    raise ValueError(f"array {name!r} fails its SHA-256 checksum: the file was modified or "
+                     "corrupted")
+  return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+
+
+def _check_layers(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+  """Shapes and dtypes of each packed layer's arrays; no stray or missing array."""
+  expected = {k for k in arrays if k.startswith("float/")}
+  for path, e in header["layers"].items():
+    shape = tuple(e["kernel_shape"])
+    cout, k = shape[-1], int(np.prod(shape[:-1]))
+    want = {"kernel": ("uint32", (cout, inference.num_words(k))),
+            "scale": ("float32", (cout,)), "bias": ("float32", (cout,))}
+    if e["reduction"] != k:
+      raise ValueError(f"layer {path}: reduction {e['reduction']} does not match its kernel "
+                       f"shape {list(shape)} (K = {k})")
+    for part, (dtype, s) in want.items():
+      name = f"packed/{path}/{part}"
+      a = arrays.get(name)
+      if a is None or a.dtype.name != dtype or a.shape != s:
+        got = "missing" if a is None else f"{a.dtype.name} {list(a.shape)}"
+        raise ValueError(f"array {name!r} is {got}; layer {path} needs {dtype} {list(s)}")
+      expected.add(name)
+    tail = k % inference.WORD_BITS
+    if tail and np.any(arrays[f"packed/{path}/kernel"][:, -1] >> np.uint32(tail)):
+      raise ValueError(f"layer {path}: the unused tail bits of its packed kernel are not 0")
+  stray = set(arrays) - expected
+  if stray:
+    raise ValueError(f"arrays {sorted(stray)[:5]} belong to no packed layer and are not float "
+                     "variables")
+
+
+def from_bytes(data: bytes) -> Packed:
+  """Parses and validates a file's bytes (module docstring); ValueError if bad."""
+  view = memoryview(data)
+  if len(data) < len(MAGIC) or bytes(view[:len(MAGIC)]) != MAGIC:
+    raise ValueError(f"not a {FORMAT} file: it starts with {bytes(view[:len(MAGIC)])!r}, "
+                     f"not the magic {MAGIC!r}")
+  if len(data) < _PREAMBLE.size:
+    raise ValueError(f"the file is truncated: {len(data)} bytes, fewer than the "
+                     f"{_PREAMBLE.size}-byte preamble")
+  _, length, digest = _PREAMBLE.unpack_from(view)
+  start = _PREAMBLE.size + length
+  if len(data) < start:
+    raise ValueError(f"the file is truncated: {len(data)} bytes, its header ends at byte {start}")
+  raw = view[_PREAMBLE.size:start]
+  if hashlib.sha256(raw).digest() != digest:
+    raise ValueError("the header fails its SHA-256 checksum: the file was modified or corrupted")
+  try:
+    header = json.loads(bytes(raw).decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"the header is not valid JSON: {e}") from None
+  if header.get("format") != FORMAT:
+    raise ValueError(f"format={header.get('format')!r} is not supported; allowed: {FORMAT!r}")
+  if header.get("version") not in SUPPORTED_VERSIONS:
+    raise ValueError(f"format version {header.get('version')!r} is not supported; "
+                     f"supported: {list(SUPPORTED_VERSIONS)}")
+  missing = {"model", "input_shape", "source_params", "layers", "arrays"} - set(header)
+  if missing:
+    raise ValueError(f"the header lacks {sorted(missing)}")
+  index = header.pop("arrays")
+  end = start + sum(e["nbytes"] for e in index.values())
+  if len(data) != end:
+    raise ValueError(f"the file is {'truncated' if len(data) < end else 'too long'}: "
+                     f"{len(data)} bytes, its header describes {end}")
+  offset = 0
+  for name, e in index.items():
+    if e["offset"] != offset:
+      raise ValueError(f"array {name!r} starts at payload byte {e['offset']}, not {offset}: "
+                       "arrays must lie back to back")
+    offset += e["nbytes"]
+  arrays = {name: _array(view, name, e, start) for name, e in index.items()}
+  _check_layers(header, arrays)
+  packed = Packed(header, arrays)
+  inference.Predictor(packed).check(header["input_shape"])
+  return packed
+
+
+def load(path: str) -> Packed:
+  """Reads and validates the file at `path`; ValueError if it is not a valid one."""
+  with open(path, "rb") as f:
+    return from_bytes(f.read())

@@ -1,0 +1,290 @@
+"""Inference on packed binary operands: XNOR-popcount convolutions and dense layers.
+
+The deployed forward of a network exported by `fda_biper_jax.export`, in the
+manner of XNOR-Net (Rastegari et al., ECCV 2016) and of the BNN inference
+engines (daBNN, Larq Compute Engine): the +-1 kernel and the +-1 input of a
+binary layer are stored 32 to a uint32 and their dot products computed with
+xor and popcount.
+
+Bit encoding (the file format's): a +-1 value v is the bit v < 0, so +1 -> 0
+and -1 -> 1. `pack_bits` packs an axis 32 entries per uint32, entry 32 i + j in
+bit j of word i (least significant bit first), the tail of the last word
+filled with 0 bits. For +-1 vectors a, w of length K,
+
+    <a, w> = K - 2 popcount(a xor w),
+
+xor marking the K positions where they differ; tail bits are 0 in both
+operands, so they add no mismatch.
+
+Convolutions (`binary_conv`) pack im2col patches over (kh, kw, Cin), the
+order of an HWIO kernel flattened to [K, Cout]. A conv zero-pads its input
+and 0 is not +-1: in the patches a padded tap holds bit 0, a +1, so the xor
+counts a mismatch there exactly where the kernel bit is 1. The exact dot
+product over the taps that are inside the image is therefore
+
+    K_valid(p) - 2 (popcount(a xor w) - popcount(pad(p) and w)),
+
+with pad(p) the packed mask of the taps of output position p that fall in
+the padding and K_valid(p) the number of the others. Both depend on the
+position only, so the correction is one [Ho, Wo, Cout] table per call,
+without a batch axis, computed only when the conv pads.
+
+A layer with a binary kernel and a float (or non-binary) input, "mixed",
+unpacks its kernel to +-1 floats and convolves in float: also exact.
+
+`Predictor` runs a whole exported network. Its graph is the Flax model
+definition itself: the model of the file's `models.config` is applied under
+`flax.linen.intercept_methods`, which replaces the call of every packed
+`BinaryConv` / `BinaryDense` with the packed computation above (then the
+per-channel scale and bias, BatchNorm folded in) and the call of every
+folded BatchNorm with the identity. Everything else (the float stem, 1x1
+downsample convs, unfolded BatchNorms, activations, pools, shortcuts, the
+head) runs the model's own code on the exported float variables. No
+architecture is written twice, and every model of the zoo deploys as it is.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax import lax
+
+from fda_biper_jax import quantizers
+from fda_biper_jax.layers import BinaryConv, BinaryDense
+
+if TYPE_CHECKING:
+  from fda_biper_jax.export import Packed
+
+Array = jax.Array
+WORD_BITS = 32
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+# --------------------------------------------------------------------------
+# Bits
+# --------------------------------------------------------------------------
+
+
+def num_words(length: int) -> int:
+  """uint32 words that hold `length` bits."""
+  return -(-length // WORD_BITS)
+
+
+def pack_bits(bits, axis: int = -1) -> Array:
+  """Packs booleans 32 per uint32 along `axis`: entry 32 i + j is bit j of word i.
+
+  The last word's unused high bits are 0. The axis shrinks to ceil(K / 32).
+  """
+  bits = jnp.moveaxis(jnp.asarray(bits, jnp.bool_), axis, -1)
+  k = bits.shape[-1]
+  n = num_words(k)
+  bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, n * WORD_BITS - k)])
+  bits = bits.reshape(*bits.shape[:-1], n, WORD_BITS).astype(jnp.uint32)
+  words = jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+  return jnp.moveaxis(words, -1, axis)
+
+
+def unpack_bits(words, length: int, axis: int = -1) -> Array:
+  """The inverse of `pack_bits`: the first `length` bits of `axis`, as booleans."""
+  words = jnp.moveaxis(jnp.asarray(words), axis, -1)
+  if words.dtype != jnp.uint32:
+    raise ValueError(f"unpack_bits: words have dtype {words.dtype}; uint32 is required")
+  if length < 1 or words.shape[-1] != num_words(length):
+    raise ValueError(f"unpack_bits: length={length} does not fit {words.shape[-1]} words; "
+                     f"it must be in [{WORD_BITS * words.shape[-1] - WORD_BITS + 1}, "
+                     f"{WORD_BITS * words.shape[-1]}]")
+  bits = (words[..., None] >> jnp.arange(WORD_BITS, dtype=jnp.uint32)) & 1
+  bits = bits.reshape(*words.shape[:-1], -1)[..., :length].astype(jnp.bool_)
+  return jnp.moveaxis(bits, -1, axis)
+
+
+def _popcount_reduce(a: Array, w: Array, op: Callable[[Array, Array], Array]) -> Array:
+  """sum_k popcount(op(a[..., k], w[o, k])): int32 [..., Cout] of a [..., Kw], w [Cout, Kw]."""
+  return jnp.sum(lax.population_count(op(a[..., None, :], w)), axis=-1, dtype=jnp.int32)
+
+
+def xnor_dot(a: Array, w: Array, length: int) -> Array:
+  """<a, w> = length - 2 popcount(a xor w) of packed +-1 operands: int32 [..., Cout].
+
+  a: packed [..., Kw]; w: packed [Cout, Kw]; length: the true K.
+  """
+  return length - 2 * _popcount_reduce(a, w, jnp.bitwise_xor)
+
+
+# --------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------
+
+
+def im2col(x: Array, kernel_size: Sequence[int], strides: Sequence[int],
+           padding: Padding) -> Array:
+  """Patches [N, Ho, Wo, kh kw C] of x [N, H, W, C] in (kh, kw, C) order, zero padded."""
+  (kh, kw), (sh, sw) = kernel_size, strides
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  ho, wo = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
+  taps = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+          for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+def _padded_taps(in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+                 padding: Padding, channels: int) -> np.ndarray:
+  """bool [Ho, Wo, kh kw C]: the patch entries of each output position in the padding."""
+  inside = []
+  for n, k, s, (lo, hi) in zip(in_hw, kernel_size, strides, padding):
+    out = (n + lo + hi - k) // s + 1
+    pos = np.arange(out)[:, None] * s + np.arange(k)[None, :] - lo
+    inside.append((pos >= 0) & (pos < n))
+  rows, cols = inside
+  outside = ~(rows[:, None, :, None] & cols[None, :, None, :])  # [Ho, Wo, kh, kw]
+  shape = (*outside.shape[:2], outside.shape[2] * outside.shape[3] * channels)
+  return np.broadcast_to(outside[..., None], (*outside.shape, channels)).reshape(shape)
+
+
+def binary_conv(bits: Array, kernel: Array, kernel_size: Sequence[int],
+                strides: Sequence[int], padding: Padding) -> Array:
+  """Exact conv of +-1 inputs (bits [N, H, W, C]) with a packed kernel [Cout, Kw].
+
+  Zero padding contributes 0, as in a float conv (module docstring). Returns
+  the integer dot products, int32 [N, Ho, Wo, Cout].
+  """
+  c = bits.shape[-1]
+  k = int(np.prod(kernel_size)) * c
+  if kernel.shape[-1] != num_words(k):
+    raise ValueError(f"binary_conv: kernel has {kernel.shape[-1]} words per channel; "
+                     f"K = {k} needs {num_words(k)}")
+  if c % WORD_BITS == 0:
+    # Each tap then fills whole words: packing every pixel before im2col gives
+    # the same words from 32 times less data.
+    a = im2col(pack_bits(bits), kernel_size, strides, padding)
+  else:
+    a = pack_bits(im2col(bits, kernel_size, strides, padding))
+  mismatches = _popcount_reduce(a, kernel, jnp.bitwise_xor)
+  pad = _padded_taps(bits.shape[1:3], kernel_size, strides, padding, c)
+  if not pad.any():
+    return k - 2 * mismatches
+  correction = _popcount_reduce(pack_bits(pad), kernel, jnp.bitwise_and)  # [Ho, Wo, Cout]
+  k_valid = k - pad.sum(axis=-1, keepdims=True)
+  return k_valid - 2 * (mismatches - correction)
+
+
+def binary_dense(bits: Array, kernel: Array) -> Array:
+  """Exact dot products of +-1 inputs (bits [..., K]) with a packed kernel [Cout, Kw]."""
+  k = bits.shape[-1]
+  if kernel.shape[-1] != num_words(k):
+    raise ValueError(f"binary_dense: kernel has {kernel.shape[-1]} words per channel; "
+                     f"K = {k} needs {num_words(k)}")
+  return xnor_dot(pack_bits(bits), kernel, k)
+
+
+def _conv_padding(module: BinaryConv, in_hw: Sequence[int]) -> Padding:
+  """The explicit ((top, bottom), (left, right)) padding of a BinaryConv."""
+  if isinstance(module.padding, str):
+    return tuple(lax.padtype_to_pads(tuple(in_hw), tuple(module.kernel_size),
+                                     tuple(module.strides), module.padding))
+  return ((module.padding,) * 2,) * 2
+
+
+def packed_layer(module: BinaryConv | BinaryDense, x: Array, operands: Mapping[str, Array],
+                 layer: Mapping[str, Any], path: str) -> Array:
+  """The eval-mode output of `module` on x, from its packed kernel.
+
+  operands: 'kernel' (packed uint32 [Cout, Kw]), 'scale', 'bias' (float32
+  [Cout]); layer: its header entry. A binary input quantizer takes the
+  xor-popcount path, any other input the +-1 kernel in float.
+  """
+  conv = isinstance(module, BinaryConv)
+  shape = ((*module.kernel_size, x.shape[-1], module.features) if conv
+           else (x.shape[-1], module.features))
+  if tuple(layer["kernel_shape"]) != shape:
+    raise ValueError(f"layer {path}: the exported kernel shape {tuple(layer['kernel_shape'])} "
+                     f"does not fit the model, which needs {shape}")
+  dtype = module.dtype or x.dtype
+  x = x.astype(dtype)
+  qi = None if module.input_quantizer is None else quantizers.get(module.input_quantizer)
+  kernel = operands["kernel"]
+  padding = _conv_padding(module, x.shape[1:3]) if conv else None
+  if qi is not None and qi.is_binary:
+    bits = qi.binarize(x) < 0
+    dot = (binary_conv(bits, kernel, module.kernel_size, module.strides, padding) if conv
+           else binary_dense(bits, kernel))
+  else:
+    xq = x if qi is None else qi.binarize(x)
+    k = int(np.prod(shape[:-1]))
+    w = (1 - 2 * unpack_bits(kernel, k).astype(dtype)).T.reshape(shape)
+    dot = (lax.conv_general_dilated(xq, w, tuple(module.strides), padding,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC")) if conv
+           else jnp.dot(xq, w))
+  y = dot.astype(jnp.float32) * operands["scale"] + operands["bias"]
+  return y.astype(dtype)
+
+
+# --------------------------------------------------------------------------
+# Whole networks
+# --------------------------------------------------------------------------
+
+
+def _first_arg(args, kwargs):
+  return args[0] if args else next(iter(kwargs.values()))
+
+
+class Predictor:
+  """The logits of an exported network, jit-compiled: `Predictor(packed)(images)`.
+
+  Images are what the model takes (NHWC float, normalised as in training).
+  `apply(operands, images)` is the pure jitted function of the arrays in
+  `operands` (place them on another device with `jax.device_put`).
+  """
+
+  def __init__(self, packed: "Packed"):
+    self.model = packed.model()
+    self.layers = packed.header["layers"]
+    self.folded = frozenset(e["folded_bn"] for e in self.layers.values() if e["folded_bn"])
+    self.operands = jax.tree.map(jnp.asarray, {"variables": packed.float_variables(),
+                                               "layers": packed.layer_arrays()})
+    self.apply = jax.jit(self._logits)
+
+  def __call__(self, images) -> Array:
+    return self.apply(self.operands, images)
+
+  def _logits(self, operands, images, visited: set | None = None) -> Array:
+    def interceptor(next_fun, args, kwargs, context):
+      if context.method_name == "__call__":
+        path = "/".join(context.module.path)
+        if visited is not None and (path in self.layers or path in self.folded):
+          visited.add(path)
+        if path in self.folded:
+          return _first_arg(args, kwargs)
+        if path in self.layers:
+          return packed_layer(context.module, _first_arg(args, kwargs),
+                              operands["layers"][path], self.layers[path], path)
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+      return self.model.apply(operands["variables"], images, train=False)
+
+  def check(self, input_shape: Sequence[int]) -> jax.ShapeDtypeStruct:
+    """Traces the network (nothing runs) on one input of `input_shape`.
+
+    Raises:
+      ValueError: the arrays do not fit the model (a shape, a missing
+        variable), or a packed layer or folded BatchNorm is not in it.
+    """
+    visited: set = set()
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    name = self.model.__class__.__name__
+    try:
+      out = jax.eval_shape(lambda o, x: self._logits(o, x, visited), self.operands, x)
+    except ValueError:
+      raise
+    except Exception as e:  # noqa: BLE001 -- flax's scope errors are not ValueErrors
+      raise ValueError(f"the exported arrays do not fit {name}: "
+                       f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    missing = (set(self.layers) | self.folded) - visited
+    if missing:
+      raise ValueError(f"the exported layers {sorted(missing)} are not in {name}")
+    return out
