@@ -74,18 +74,21 @@ def num_words(length: int) -> int:
   return -(-length // WORD_BITS)
 
 
-def pack_bits(bits, axis: int = -1) -> Array:
+def pack_bits(bits, axis: int = -1):
   """Packs booleans 32 per uint32 along `axis`: entry 32 i + j is bit j of word i.
 
   The last word's unused high bits are 0. The axis shrinks to ceil(K / 32).
+  A numpy input is packed with numpy (a constant of a traced program stays
+  out of XLA's constant folding), anything else with jax.numpy.
   """
-  bits = jnp.moveaxis(jnp.asarray(bits, jnp.bool_), axis, -1)
+  xp = np if isinstance(bits, np.ndarray) else jnp
+  bits = xp.moveaxis(xp.asarray(bits, xp.bool_), axis, -1)
   k = bits.shape[-1]
   n = num_words(k)
-  bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, n * WORD_BITS - k)])
-  bits = bits.reshape(*bits.shape[:-1], n, WORD_BITS).astype(jnp.uint32)
-  words = jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-  return jnp.moveaxis(words, -1, axis)
+  bits = xp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, n * WORD_BITS - k)])
+  bits = bits.reshape(*bits.shape[:-1], n, WORD_BITS).astype(xp.uint32)
+  words = xp.sum(bits << xp.arange(WORD_BITS, dtype=xp.uint32), axis=-1, dtype=xp.uint32)
+  return xp.moveaxis(words, -1, axis)
 
 
 def unpack_bits(words, length: int, axis: int = -1) -> Array:

@@ -222,7 +222,8 @@ def test_missing_data_stops_with_one_line_before_writing(tmp_path):
   with pytest.raises(ValueError) as e:
     train.train_and_evaluate(c, str(wd))
   assert "cifar10" in str(e.value) and "\n" not in str(e.value)
-  assert time.time() - t < 10.0
+  # Seconds (importing TensorFlow for tfds), not the minutes of tfds' download retries.
+  assert time.time() - t < 30.0
   assert not wd.exists()
 
 
