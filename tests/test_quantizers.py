@@ -131,8 +131,7 @@ def _ss_jnp(x, b):
 
 def _fda_series(x, w, n):
   """s_n(x) = 4/pi sum_{i=0..n} sin((2i+1) w x)/(2i+1), whose derivative is FDA's rule."""
-  return (4.0 / math.pi) * sum(
-      jnp.sin((2 * i + 1) * w * x) / (2 * i + 1) for i in range(n + 1))
+  return (4.0 / math.pi) * sum(jnp.sin((2 * i + 1) * w * x) / (2 * i + 1) for i in range(n + 1))
 
 
 def _approx_sign_primitive(x):
@@ -143,6 +142,7 @@ def _approx_sign_primitive(x):
 def _fda_slack(w, n):
   def slack(x64):
     return (4.0 * w / math.pi) * sum(_phase_error(x64, w, 2 * i + 1) for i in range(n + 1))
+
   return slack
 
 
@@ -150,6 +150,7 @@ def _ss_slack(b):
   # |d SS_b'(x) / d(bx)| <= 2b; beyond |bx| = 60 the derivative is < 1e-20.
   def slack(x64):
     return 2.0 * b * np.where(np.abs(b * x64) < 60, _phase_error(x64, b), 0.0)
+
   return slack
 
 
@@ -159,35 +160,95 @@ def _make_cases():
   w0, beta = 20.0, 5.0
   ste_clip = 0.5
   cases = [
-      Case("identity", quantizers.identity, "identity", lambda x: np.ones_like(x), 1.0,
-           lambda x: x, binary=False),
+      Case(
+          "identity",
+          quantizers.identity,
+          "identity",
+          lambda x: np.ones_like(x),
+          1.0,
+          lambda x: x,
+          binary=False,
+      ),
       Case("ste", quantizers.ste_sign, "sign", lambda x: np.ones_like(x), 1.0, lambda x: x),
-      Case("ste_clip", functools.partial(quantizers.ste_sign, clip=ste_clip), "sign",
-           lambda x: (np.abs(x) <= ste_clip).astype(np.float64), 1.0,
-           lambda x: jnp.clip(x, -ste_clip, ste_clip), kinks=(-ste_clip, ste_clip),
-           clip=ste_clip),
-      Case("approx_sign", quantizers.approx_sign, "sign", approx_sign_prime64, 2.0,
-           _approx_sign_primitive, kinks=(-1.0, 0.0, 1.0)),
-      Case("sign_swish", functools.partial(quantizers.sign_swish, beta=beta), "sign",
-           lambda x: ss_prime64(x, beta), beta, lambda x: _ss_jnp(x, beta),
-           phase_slack=_ss_slack(beta)),
-      Case("fda", lambda x: quantizers.fda(x, w_fda, n_fda), "sign",
-           lambda x: fda_prime64(x, w_fda, n_fda), 4 * w_fda / math.pi * (n_fda + 1),
-           lambda x: _fda_series(x, w_fda, n_fda), phase_slack=_fda_slack(w_fda, n_fda)),
-      Case("fda_clip", lambda x: quantizers.fda(x, w_fdc, n_fdc, clip=c_fdc), "sign",
-           lambda x: fda_prime64(x, w_fdc, n_fdc, c_fdc), 4 * w_fdc / math.pi * (n_fdc + 1),
-           lambda x: _fda_series(jnp.clip(x, -c_fdc, c_fdc), w_fdc, n_fdc),
-           kinks=(-c_fdc, c_fdc), clip=c_fdc, phase_slack=_fda_slack(w_fdc, n_fdc)),
-      Case("biper", lambda x: quantizers.biper(x, w0), "square",
-           lambda x: w0 * np.cos(w0 * x), w0, lambda x: jnp.sin(w0 * x),
-           phase_slack=lambda x: w0 * _phase_error(x, w0)),
-      Case("biper_sine", lambda x: quantizers.biper_sine(x, w0), "smooth",
-           lambda x: w0 * np.cos(w0 * x), w0, lambda x: jnp.sin(w0 * x),
-           phase_slack=lambda x: w0 * _phase_error(x, w0),
-           fwd64=lambda x: np.sin(w0 * x), binary=False),
-      Case("bnn_pp", lambda x: quantizers.bnn_pp(x, beta), "smooth",
-           lambda x: ss_prime64(x, beta), beta, lambda x: _ss_jnp(x, beta),
-           phase_slack=_ss_slack(beta), fwd64=lambda x: ss64(x, beta), binary=False),
+      Case(
+          "ste_clip",
+          functools.partial(quantizers.ste_sign, clip=ste_clip),
+          "sign",
+          lambda x: (np.abs(x) <= ste_clip).astype(np.float64),
+          1.0,
+          lambda x: jnp.clip(x, -ste_clip, ste_clip),
+          kinks=(-ste_clip, ste_clip),
+          clip=ste_clip,
+      ),
+      Case(
+          "approx_sign",
+          quantizers.approx_sign,
+          "sign",
+          approx_sign_prime64,
+          2.0,
+          _approx_sign_primitive,
+          kinks=(-1.0, 0.0, 1.0),
+      ),
+      Case(
+          "sign_swish",
+          functools.partial(quantizers.sign_swish, beta=beta),
+          "sign",
+          lambda x: ss_prime64(x, beta),
+          beta,
+          lambda x: _ss_jnp(x, beta),
+          phase_slack=_ss_slack(beta),
+      ),
+      Case(
+          "fda",
+          lambda x: quantizers.fda(x, w_fda, n_fda),
+          "sign",
+          lambda x: fda_prime64(x, w_fda, n_fda),
+          4 * w_fda / math.pi * (n_fda + 1),
+          lambda x: _fda_series(x, w_fda, n_fda),
+          phase_slack=_fda_slack(w_fda, n_fda),
+      ),
+      Case(
+          "fda_clip",
+          lambda x: quantizers.fda(x, w_fdc, n_fdc, clip=c_fdc),
+          "sign",
+          lambda x: fda_prime64(x, w_fdc, n_fdc, c_fdc),
+          4 * w_fdc / math.pi * (n_fdc + 1),
+          lambda x: _fda_series(jnp.clip(x, -c_fdc, c_fdc), w_fdc, n_fdc),
+          kinks=(-c_fdc, c_fdc),
+          clip=c_fdc,
+          phase_slack=_fda_slack(w_fdc, n_fdc),
+      ),
+      Case(
+          "biper",
+          lambda x: quantizers.biper(x, w0),
+          "square",
+          lambda x: w0 * np.cos(w0 * x),
+          w0,
+          lambda x: jnp.sin(w0 * x),
+          phase_slack=lambda x: w0 * _phase_error(x, w0),
+      ),
+      Case(
+          "biper_sine",
+          lambda x: quantizers.biper_sine(x, w0),
+          "smooth",
+          lambda x: w0 * np.cos(w0 * x),
+          w0,
+          lambda x: jnp.sin(w0 * x),
+          phase_slack=lambda x: w0 * _phase_error(x, w0),
+          fwd64=lambda x: np.sin(w0 * x),
+          binary=False,
+      ),
+      Case(
+          "bnn_pp",
+          lambda x: quantizers.bnn_pp(x, beta),
+          "smooth",
+          lambda x: ss_prime64(x, beta),
+          beta,
+          lambda x: _ss_jnp(x, beta),
+          phase_slack=_ss_slack(beta),
+          fwd64=lambda x: ss64(x, beta),
+          binary=False,
+      ),
   ]
   return {c.name: c for c in cases}
 
@@ -221,8 +282,19 @@ def _pad(pts, dtype, negative_zero=False) -> np.ndarray:
 
 def backward_grid(case: Case, dtype) -> np.ndarray:
   """0, +-1, +-clip, just inside/outside 1 and clip, +-50, +-1e4, a few others."""
-  pts = [0.0, 1.0, _nextafter(1, 0, dtype), _nextafter(1, 2, dtype), 50.0, 1e4,
-         0.3, 0.7, 2.5, 3.25, 0.0625]
+  pts = [
+      0.0,
+      1.0,
+      _nextafter(1, 0, dtype),
+      _nextafter(1, 2, dtype),
+      50.0,
+      1e4,
+      0.3,
+      0.7,
+      2.5,
+      3.25,
+      0.0625,
+  ]
   if case.clip is not None:
     c = case.clip
     pts += [c, _nextafter(c, 0, dtype), _nextafter(c, 2 * c, dtype)]
@@ -295,10 +367,12 @@ class QuantizerTestCase(chex.TestCase):
     if dtype == F32:
       tol = tol + 1e-5
     err = np.abs(y64 - ref_cast)
-    self.assertTrue(np.all(err <= tol),
-                    f"{case.name} {dtype}: max err {np.max(err - tol)} over tol at "
-                    f"x={x64[np.argmax(err - tol)]}: got {y64[np.argmax(err - tol)]}, "
-                    f"want {ref_cast[np.argmax(err - tol)]}")
+    self.assertTrue(
+        np.all(err <= tol),
+        f"{case.name} {dtype}: max err {np.max(err - tol)} over tol at "
+        f"x={x64[np.argmax(err - tol)]}: got {y64[np.argmax(err - tol)]}, "
+        f"want {ref_cast[np.argmax(err - tol)]}",
+    )
 
   def assert_two_values(self, y64, x64=None):
     """Values in {-1, +1}; both of them whenever x has both signs (or x is not given)."""
@@ -319,14 +393,16 @@ class QuantizerTestCase(chex.TestCase):
     x64, c64, g64 = _np(x).ravel(), _np(cot).ravel(), _np(g_np).ravel()
     ref = c64 * case.deriv64(x64)
     ref_cast = _np(ref.astype(_np_dtype(dtype)))
-    tol = (_base_tol(dtype) * np.abs(ref)
-           + np.abs(c64) * (1e-5 * case.amp + 2 * case.phase_slack(x64)))
+    tol = _base_tol(dtype) * np.abs(ref) + np.abs(c64) * (
+        1e-5 * case.amp + 2 * case.phase_slack(x64)
+    )
     err = np.abs(g64 - ref_cast)
     bad = ~(err <= tol)
     self.assertFalse(
         np.any(bad),
         f"{case.name} {jnp.dtype(dtype).name}: gradient differs from cot*rule at "
-        f"x={x64[bad]}: got {g64[bad]}, want {ref_cast[bad]} (tol {tol[bad]})")
+        f"x={x64[bad]}: got {g64[bad]}, want {ref_cast[bad]} (tol {tol[bad]})",
+    )
 
 
 def _cot_like(x: np.ndarray, seed=0) -> np.ndarray:
@@ -337,8 +413,10 @@ def _cot_like(x: np.ndarray, seed=0) -> np.ndarray:
 
 def _value_and_grad(q):
   """x, cot -> (q(x), grad of sum(q(x) * cot))."""
+
   def f(x, cot):
     return q(x), jax.grad(lambda x: jnp.sum(q(x) * cot))(x)
+
   return f
 
 
@@ -382,14 +460,14 @@ class VariantsTest(QuantizerTestCase):
         np.testing.assert_array_equal(y, x)
       elif name == "biper_sine":
         self.assertFalse(q.is_binary)
-        np.testing.assert_allclose(_np(y), np.sin(20.0 * _np(x)),
-                                   atol=2 * float(jnp.finfo(dtype).eps) + 1e-5)
+        np.testing.assert_allclose(
+            _np(y), np.sin(20.0 * _np(x)), atol=2 * float(jnp.finfo(dtype).eps) + 1e-5
+        )
       else:
         self.assertIn(name, BINARY_NAMES)
         self.assertTrue(q.is_binary)
         self.assert_two_values(_np(y), x)
-        ref = (np.where(np.sin(20.0 * _np(x)) >= 0, 1.0, -1.0) if name == "biper"
-               else sign64(_np(x)))
+        ref = np.where(np.sin(20.0 * _np(x)) >= 0, 1.0, -1.0) if name == "biper" else sign64(_np(x))
         np.testing.assert_array_equal(_np(y), ref, err_msg=f"{name} {dtype}")
 
 
@@ -406,8 +484,10 @@ class ForwardTest(QuantizerTestCase):
     grid = forward_grid(dtype)
     self.assertEqual(np.sum(_np(grid) == 0), 2)  # +0.0 and -0.0
     # ... and random inputs over eight decades
-    randoms = [np.asarray(rng.normal(size=GRID) * 10 ** rng.uniform(-4, 4, GRID),
-                          _np_dtype(dtype)) for _ in range(3)]
+    randoms = [
+        np.asarray(rng.normal(size=GRID) * 10 ** rng.uniform(-4, 4, GRID), _np_dtype(dtype))
+        for _ in range(3)
+    ]
     fi = jnp.finfo(dtype)
     extremes = [1e4, 6400.0, float(fi.max)] + ([1e-30, 1e30] if dtype != F16 else [])
     ext = np.asarray(extremes + [-v for v in extremes], _np_dtype(dtype))
@@ -422,8 +502,9 @@ class ForwardTest(QuantizerTestCase):
 
   def test_biper_equals_float64_square_wave(self):
     rng = np.random.default_rng(1)
-    x = np.concatenate([rng.uniform(-5, 5, 4000), rng.uniform(-300, 300, 1000),
-                        [0.0, 1e4, -1e4, 50.0, -50.0]]).astype(np.float32)
+    x = np.concatenate(
+        [rng.uniform(-5, 5, 4000), rng.uniform(-300, 300, 1000), [0.0, 1e4, -1e4, 50.0, -50.0]]
+    ).astype(np.float32)
     for w0 in (1.0, 20.0, 30.0):
       y = _np(jax.jit(quantizers.biper)(x, w0))
       x64 = _np(x)
@@ -441,23 +522,33 @@ class ForwardTest(QuantizerTestCase):
     x64 = np.linspace(-3, 3, 601)
     x = x64.astype(_np_dtype(dtype))
     for beta in (1.0, 5.0, 20.0):
-      c = dataclasses.replace(CASES["bnn_pp"], fn=lambda x: quantizers.bnn_pp(x, beta),
-                              fwd64=lambda x: ss64(x, beta), amp=beta,
-                              phase_slack=_ss_slack(beta))
+      c = dataclasses.replace(
+          CASES["bnn_pp"],
+          fn=lambda x: quantizers.bnn_pp(x, beta),
+          fwd64=lambda x: ss64(x, beta),
+          amp=beta,
+          phase_slack=_ss_slack(beta),
+      )
       self.assert_forward(c, x, quantizers.bnn_pp(x, beta), dtype)
       # ... and the module's own map agrees with the reference too
-      np.testing.assert_allclose(_np(quantizers.sign_swish_map(x64.astype(np.float32), beta)),
-                                 ss64(_np(x64.astype(np.float32)), beta), atol=1e-5)
+      np.testing.assert_allclose(
+          _np(quantizers.sign_swish_map(x64.astype(np.float32), beta)),
+          ss64(_np(x64.astype(np.float32)), beta),
+          atol=1e-5,
+      )
 
   def test_bnn_pp_tends_to_sign(self):
-    x = np.concatenate([np.linspace(-5, -0.01, 500), np.linspace(0.01, 5, 500),
-                        [1e4, -1e4, 1e30, -1e30]]).astype(np.float32)
+    x = np.concatenate(
+        [np.linspace(-5, -0.01, 500), np.linspace(0.01, 5, 500), [1e4, -1e4, 1e30, -1e30]]
+    ).astype(np.float32)
     y = _np(quantizers.bnn_pp(x, 1e4))
     np.testing.assert_allclose(y, sign64(_np(x)), rtol=0, atol=1e-6)
     # the distance to sign shrinks as beta grows (away from 0)
     far = np.abs(x) >= 0.5
-    dist = [np.max(np.abs(_np(quantizers.bnn_pp(x, b))[far] - sign64(_np(x))[far]))
-            for b in (1.0, 5.0, 20.0, 100.0)]
+    dist = [
+        np.max(np.abs(_np(quantizers.bnn_pp(x, b))[far] - sign64(_np(x))[far]))
+        for b in (1.0, 5.0, 20.0, 100.0)
+    ]
     self.assertGreater(dist[0], 0.1)
     self.assertTrue(all(a > b for a, b in zip(dist, dist[1:])), dist)
     self.assertLess(dist[-1], 1e-6)
@@ -485,8 +576,11 @@ class ForwardTest(QuantizerTestCase):
 class BackwardTest(QuantizerTestCase):
 
   @parameterized.named_parameters(
-      *[dict(testcase_name=f"{n}_{jnp.dtype(d).name}", case=n, dtype=d)
-        for n, d in itertools.product(CASES, DTYPES)])
+      *[
+          dict(testcase_name=f"{n}_{jnp.dtype(d).name}", case=n, dtype=d)
+          for n, d in itertools.product(CASES, DTYPES)
+      ]
+  )
   def test_grad_and_vjp_equal_rule(self, case, dtype):
     c = CASES[case]
     x = backward_grid(c, dtype)
@@ -513,12 +607,12 @@ class BackwardTest(QuantizerTestCase):
     self.assertEqual(g(quantizers.approx_sign, 1.0), 0.0)
     self.assertEqual(g(quantizers.approx_sign, 1.5), 0.0)
     for n in (0, 1, 9):  # at x = 0 every cosine is 1: (4w/pi)(n+1)
-      self.assertAlmostEqual(g(lambda x: quantizers.fda(x, 0.1, n), 0.0),
-                             0.4 / math.pi * (n + 1), places=6)
+      self.assertAlmostEqual(
+          g(lambda x: quantizers.fda(x, 0.1, n), 0.0), 0.4 / math.pi * (n + 1), places=6
+      )
     self.assertEqual(g(lambda x: quantizers.fda(x, 0.1, 9, 1.0), 1.0001), 0.0)
     self.assertAlmostEqual(g(lambda x: quantizers.biper(x, 20.0), 0.0), 20.0, places=5)
-    self.assertAlmostEqual(g(lambda x: quantizers.biper(x, 20.0), math.pi / 20), -20.0,
-                           places=4)
+    self.assertAlmostEqual(g(lambda x: quantizers.biper(x, 20.0), math.pi / 20), -20.0, places=4)
     for b in (1.0, 5.0):  # SS_b'(0) = b
       self.assertAlmostEqual(g(lambda x: quantizers.sign_swish(x, b), 0.0), b, places=5)
       self.assertAlmostEqual(g(lambda x: quantizers.bnn_pp(x, b), 0.0), b, places=5)
@@ -529,7 +623,10 @@ class BackwardTest(QuantizerTestCase):
     for b in (0.5, 1.0, 5.0, 20.0):
       np.testing.assert_allclose(
           _np(quantizers.sign_swish_derivative(x.astype(np.float32), b)),
-          ss_prime64(_np(x.astype(np.float32)), b), rtol=0, atol=2e-5 * b)
+          ss_prime64(_np(x.astype(np.float32)), b),
+          rtol=0,
+          atol=2e-5 * b,
+      )
 
 
 # --------------------------------------------------------------------------
@@ -539,8 +636,10 @@ class BackwardTest(QuantizerTestCase):
 
 def _with_surrogate_forward(q, surrogate):
   """Forward = surrogate(x); gradient = q's custom rule."""
+
   def g(x):
     return q(x) - jax.lax.stop_gradient(q(x)) + jax.lax.stop_gradient(surrogate(x))
+
   return g
 
 
@@ -561,8 +660,7 @@ class CheckGradsTest(QuantizerTestCase):
     tol = dict(atol=1e-2, rtol=1e-2, eps=1e-3)
     if case in ("bnn_pp", "biper_sine", "identity"):
       check_grads(c.fn, (x,), order=1, modes=("rev",), **tol)  # smooth forward: itself
-    check_grads(_with_surrogate_forward(c.fn, c.surrogate), (x,), order=1, modes=("rev",),
-                **tol)
+    check_grads(_with_surrogate_forward(c.fn, c.surrogate), (x,), order=1, modes=("rev",), **tol)
     # negative control: the same check rejects a surrogate 20% off
     wrong = _with_surrogate_forward(c.fn, lambda x: 1.2 * c.surrogate(x))
     with self.assertRaises(AssertionError):
@@ -602,10 +700,10 @@ class TransformsTest(QuantizerTestCase):
     y_v, g_v = jax.jit(jax.vmap(vg))(xs, cots)
     vg_jit = jax.jit(vg)
     rows = [vg_jit(xs[i], cots[i]) for i in range(xs.shape[0])]
-    np.testing.assert_allclose(_np(y_v), np.stack([_np(r[0]) for r in rows]), rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(_np(g_v), np.stack([_np(r[1]) for r in rows]), rtol=1e-6,
-                               atol=1e-6 * c.amp)
+    np.testing.assert_allclose(_np(y_v), np.stack([_np(r[0]) for r in rows]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        _np(g_v), np.stack([_np(r[1]) for r in rows]), rtol=1e-6, atol=1e-6 * c.amp
+    )
     self.assert_forward(c, xs, y_v, F32)
     self.assert_backward(c, xs, cots, g_v, F32)
     # vmap over the second axis as well
@@ -618,13 +716,15 @@ class TransformsTest(QuantizerTestCase):
       y = qf(x * 1.5)
       return jnp.sum(y * cot * jnp.cos(x))
 
-    g_r, g_n = jax.jit(lambda x, t: (jax.grad(loss)(x, t, True),
-                                     jax.grad(loss)(x, t, False)))(xs, cots)
+    g_r, g_n = jax.jit(lambda x, t: (jax.grad(loss)(x, t, True), jax.grad(loss)(x, t, False)))(
+        xs, cots
+    )
     # (XLA may fold 1.5 into the phase constant after remat: a float32-rounding difference)
     np.testing.assert_allclose(_np(g_r), _np(g_n), rtol=1e-4, atol=1e-4 * c.amp)
     x15 = np.float32(1.5) * xs
-    ref = (_np(c.fn(x15)) * _np(cots) * -np.sin(_np(xs))
-           + _np(cots) * np.cos(_np(xs)) * 1.5 * c.deriv64(_np(x15)))
+    ref = _np(c.fn(x15)) * _np(cots) * -np.sin(_np(xs)) + _np(cots) * np.cos(
+        _np(xs)
+    ) * 1.5 * c.deriv64(_np(x15))
     np.testing.assert_allclose(_np(g_r), ref, rtol=1e-4, atol=1e-4 * c.amp)
     # arbitrary shapes, in one program
     shapes = ((), (7,), (2, 3, 5, 4))
@@ -651,24 +751,38 @@ class TransformsTest(QuantizerTestCase):
         p_i = [p[i] if a == 0 else p for p, a in zip(params, in_axes)]
         y_ref, d_ref = ref_fn(_np(xs[i]), *[_np(p) for p in p_i])
         np.testing.assert_allclose(_np(y[i]), y_ref, atol=1e-5)
-        np.testing.assert_allclose(_np(g[i]), _np(cots[i]) * d_ref, rtol=1e-4,
-                                   atol=1e-4 * float(np.max(np.abs(d_ref)) + 1))
+        np.testing.assert_allclose(
+            _np(g[i]), _np(cots[i]) * d_ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(d_ref)) + 1)
+        )
 
     w0 = np.asarray([1.0, 5.0, 20.0], np.float32)
-    check(quantizers.biper, (w0,), (0,),
-          lambda x, w: (np.where(np.sin(w * x) >= 0, 1.0, -1.0), w * np.cos(w * x)))
+    check(
+        quantizers.biper,
+        (w0,),
+        (0,),
+        lambda x, w: (np.where(np.sin(w * x) >= 0, 1.0, -1.0), w * np.cos(w * x)),
+    )
     beta = np.asarray([0.5, 5.0, 20.0], np.float32)
     check(quantizers.sign_swish, (beta,), (0,), lambda x, b: (sign64(x), ss_prime64(x, b)))
     check(quantizers.bnn_pp, (beta,), (0,), lambda x, b: (ss64(x, b), ss_prime64(x, b)))
     clip = np.asarray([0.25, 1.0, 1.5], np.float32)
-    check(quantizers.ste_sign, (clip,), (0,),
-          lambda x, c: (sign64(x), (np.abs(x) <= c).astype(float)))
+    check(
+        quantizers.ste_sign, (clip,), (0,), lambda x, c: (sign64(x), (np.abs(x) <= c).astype(float))
+    )
     omega = np.asarray([0.1, 0.5, 1.0], np.float32)
     ns = np.asarray([0, 3, 9], np.int32)
-    check(lambda x, w, n: quantizers.fda(x, w, n, max_terms=9), (omega, ns), (0, 0),
-          lambda x, w, n: (sign64(x), fda_prime64(x, w, int(n))))
-    check(lambda x, w, n: quantizers.fda(x, w, n, 1.0, max_terms=9), (omega, np.int32(4)),
-          (0, None), lambda x, w, n: (sign64(x), fda_prime64(x, w, int(n), 1.0)))
+    check(
+        lambda x, w, n: quantizers.fda(x, w, n, max_terms=9),
+        (omega, ns),
+        (0, 0),
+        lambda x, w, n: (sign64(x), fda_prime64(x, w, int(n))),
+    )
+    check(
+        lambda x, w, n: quantizers.fda(x, w, n, 1.0, max_terms=9),
+        (omega, np.int32(4)),
+        (0, None),
+        lambda x, w, n: (sign64(x), fda_prime64(x, w, int(n), 1.0)),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -697,11 +811,13 @@ class ShardMapTest(QuantizerTestCase):
 
   def test_shard_map_equals_single_device(self):
     """Every quantizer, values and gradients, in one shard_map program."""
+
     def body(x, cot):
       return {name: _value_and_grad(c.fn)(x, cot) for name, c in CASES.items()}
 
-    sharded = jax.jit(jax.shard_map(body, mesh=_mesh(), in_specs=(P("batch"), P("batch")),
-                                    out_specs=P("batch")))
+    sharded = jax.jit(
+        jax.shard_map(body, mesh=_mesh(), in_specs=(P("batch"), P("batch")), out_specs=P("batch"))
+    )
     out_s = sharded(self.x, self.cot)
     out_1 = jax.jit(body)(self.x, self.cot)
     for name, c in CASES.items():
@@ -714,18 +830,41 @@ class ShardMapTest(QuantizerTestCase):
         self.assert_backward(c, self.x, self.cot, g_s, F32)
 
   @parameterized.named_parameters(
-      dict(testcase_name="fda_n_terms",
-           q=lambda x, n: quantizers.fda(x, 0.1, n, max_terms=18), params=(9, 12, 18),
-           pdtype=np.int32, deriv=lambda x, n: fda_prime64(x, 0.1, int(n))),
-      dict(testcase_name="fda_clip_n_terms",
-           q=lambda x, n: quantizers.get("fda", max_terms=18)(x, n_terms=n), params=(9, 18),
-           pdtype=np.int32, deriv=lambda x, n: fda_prime64(x, 0.1, int(n), 1.0)),
-      dict(testcase_name="bnn_pp_beta", q=quantizers.bnn_pp, params=(1.0, 5.0, 20.0),
-           pdtype=np.float32, deriv=ss_prime64),
-      dict(testcase_name="sign_swish_beta", q=quantizers.sign_swish, params=(2.0, 5.0),
-           pdtype=np.float32, deriv=ss_prime64),
-      dict(testcase_name="biper_omega0", q=quantizers.biper, params=(1.0, 20.0),
-           pdtype=np.float32, deriv=lambda x, w: w * np.cos(w * x)),
+      dict(
+          testcase_name="fda_n_terms",
+          q=lambda x, n: quantizers.fda(x, 0.1, n, max_terms=18),
+          params=(9, 12, 18),
+          pdtype=np.int32,
+          deriv=lambda x, n: fda_prime64(x, 0.1, int(n)),
+      ),
+      dict(
+          testcase_name="fda_clip_n_terms",
+          q=lambda x, n: quantizers.get("fda", max_terms=18)(x, n_terms=n),
+          params=(9, 18),
+          pdtype=np.int32,
+          deriv=lambda x, n: fda_prime64(x, 0.1, int(n), 1.0),
+      ),
+      dict(
+          testcase_name="bnn_pp_beta",
+          q=quantizers.bnn_pp,
+          params=(1.0, 5.0, 20.0),
+          pdtype=np.float32,
+          deriv=ss_prime64,
+      ),
+      dict(
+          testcase_name="sign_swish_beta",
+          q=quantizers.sign_swish,
+          params=(2.0, 5.0),
+          pdtype=np.float32,
+          deriv=ss_prime64,
+      ),
+      dict(
+          testcase_name="biper_omega0",
+          q=quantizers.biper,
+          params=(1.0, 20.0),
+          pdtype=np.float32,
+          deriv=lambda x, w: w * np.cos(w * x),
+      ),
   )
   def test_shard_map_replicated_traced_parameter(self, q, params, pdtype, deriv):
     def body(x, cot, p):
@@ -733,16 +872,27 @@ class ShardMapTest(QuantizerTestCase):
       # a replicated parameter gets no gradient, even summed over the axis
       gp = jax.grad(lambda p: jnp.sum(q(x, p) * cot))(p) if pdtype == np.float32 else 0.0
       return y, g, gp
-    sharded = jax.jit(jax.shard_map(body, mesh=_mesh(), in_specs=(P("batch"), P("batch"), P()),
-                                    out_specs=(P("batch"), P("batch"), P())))
+
+    sharded = jax.jit(
+        jax.shard_map(
+            body,
+            mesh=_mesh(),
+            in_specs=(P("batch"), P("batch"), P()),
+            out_specs=(P("batch"), P("batch"), P()),
+        )
+    )
     single = jax.jit(body)
     grads = []
     for p in params:
       p = np.asarray(p, pdtype)
       out_s, out_1 = sharded(self.x, self.cot, p), single(self.x, self.cot, p)
       chex.assert_trees_all_equal(out_s, out_1)
-      np.testing.assert_allclose(_np(out_s[1]), _np(self.cot) * deriv(_np(self.x), p),
-                                 rtol=1e-4, atol=1e-4 * (1 + float(p)))
+      np.testing.assert_allclose(
+          _np(out_s[1]),
+          _np(self.cot) * deriv(_np(self.x), p),
+          rtol=1e-4,
+          atol=1e-4 * (1 + float(p)),
+      )
       self.assertEqual(float(out_s[2]), 0.0)
       grads.append(_np(out_s[1]))
     for a, b in itertools.combinations(grads, 2):
@@ -767,8 +917,9 @@ class ScheduleTest(QuantizerTestCase):
     for v in values:
       y, g = f(self.x, to_arg(v))
       np.testing.assert_allclose(_np(y), fwd(_np(self.x), v), atol=1e-5)
-      np.testing.assert_allclose(_np(g), _np(self.cot) * deriv(_np(self.x), v), rtol=1e-4,
-                                 atol=1e-4 * (1 + v))
+      np.testing.assert_allclose(
+          _np(g), _np(self.cot) * deriv(_np(self.x), v), rtol=1e-4, atol=1e-4 * (1 + v)
+      )
       grads.append(_np(g))
     for a, b in itertools.combinations(grads, 2):
       self.assertFalse(np.allclose(a, b, rtol=1e-3, atol=1e-3), "gradients equal across values")
@@ -786,8 +937,13 @@ class ScheduleTest(QuantizerTestCase):
       q = lambda x: quantizers.fda(x, 0.1, n_terms, max_terms=18)
       return q(x), jax.grad(lambda x: jnp.sum(q(x) * cot))(x)
 
-    self._check_schedule(fda_step, (9, 12, 18), jnp.int32,
-                         lambda x, n: fda_prime64(x, 0.1, n), lambda x, n: sign64(x))
+    self._check_schedule(
+        fda_step,
+        (9, 12, 18),
+        jnp.int32,
+        lambda x, n: fda_prime64(x, 0.1, n),
+        lambda x, n: sign64(x),
+    )
 
   def test_fda_registry_traced_n_terms_compiles_once(self):
     cot = self.cot
@@ -796,11 +952,15 @@ class ScheduleTest(QuantizerTestCase):
     @jax.jit
     @chex.assert_max_traces(n=1)
     def fda_get_step(x, n_terms):
-      return (q(x, n_terms=n_terms),
-              jax.grad(lambda x: jnp.sum(q(x, n_terms=n_terms) * cot))(x))
+      return (q(x, n_terms=n_terms), jax.grad(lambda x: jnp.sum(q(x, n_terms=n_terms) * cot))(x))
 
-    self._check_schedule(fda_get_step, (9, 12, 18), jnp.int32,
-                         lambda x, n: fda_prime64(x, 0.1, n, 1.0), lambda x, n: sign64(x))
+    self._check_schedule(
+        fda_get_step,
+        (9, 12, 18),
+        jnp.int32,
+        lambda x, n: fda_prime64(x, 0.1, n, 1.0),
+        lambda x, n: sign64(x),
+    )
     # a concrete n_terms gives the same gradient as the traced one
     g_static = jax.grad(lambda x: jnp.sum(q(x, n_terms=12) * cot))(self.x)
     g_traced = fda_get_step(self.x, jnp.int32(12))[1]
@@ -830,8 +990,9 @@ class ScheduleTest(QuantizerTestCase):
 
   def test_traced_n_terms_above_max_terms_truncates(self):
     g = jax.jit(jax.grad(lambda x, n: quantizers.fda(x, 0.1, n, max_terms=5).sum()))
-    np.testing.assert_allclose(_np(g(self.x, jnp.int32(40))),
-                               fda_prime64(_np(self.x), 0.1, 5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        _np(g(self.x, jnp.int32(40))), fda_prime64(_np(self.x), 0.1, 5), rtol=1e-5, atol=1e-6
+    )
 
 
 # --------------------------------------------------------------------------
@@ -843,8 +1004,7 @@ class ParameterGradientTest(QuantizerTestCase):
 
   @parameterized.named_parameters(
       dict(testcase_name="biper_omega0", f=lambda x, p: quantizers.biper(x, p), p=20.0),
-      dict(testcase_name="biper_sine_omega0", f=lambda x, p: quantizers.biper_sine(x, p),
-           p=20.0),
+      dict(testcase_name="biper_sine_omega0", f=lambda x, p: quantizers.biper_sine(x, p), p=20.0),
       dict(testcase_name="sign_swish_beta", f=lambda x, p: quantizers.sign_swish(x, p), p=5.0),
       dict(testcase_name="bnn_pp_beta", f=lambda x, p: quantizers.bnn_pp(x, p), p=5.0),
       dict(testcase_name="fda_omega", f=lambda x, p: quantizers.fda(x, p, 9), p=0.1),
@@ -892,7 +1052,8 @@ class ErrorsTest(QuantizerTestCase):
         fname = label.replace("_clip", "")
         with self.subTest(fn=label, dtype=dname):
           with self.assertRaisesRegex(
-              ValueError, rf"^{fname}: x has dtype {dname}; a floating dtype .*required"):
+              ValueError, rf"^{fname}: x has dtype {dname}; a floating dtype .*required"
+          ):
             fn(x)
           with self.assertRaisesRegex(ValueError, rf"x has dtype {dname}"):
             jax.jit(fn)(x)
@@ -904,87 +1065,173 @@ class ErrorsTest(QuantizerTestCase):
             quantizers.get(name).binarize(x)
 
   @parameterized.named_parameters(
-      dict(testcase_name="fda_omega_zero", call=lambda x: quantizers.fda(x, 0.0, 9),
-           msg=r"^fda: omega=0\.0 is not allowed; omega must be finite and > 0$"),
-      dict(testcase_name="fda_omega_negative", call=lambda x: quantizers.fda(x, -0.5, 9),
-           msg=r"^fda: omega=-0\.5 is not allowed; omega must be finite and > 0$"),
-      dict(testcase_name="fda_omega_nan", call=lambda x: quantizers.fda(x, float("nan"), 9),
-           msg=r"^fda: omega=nan is not allowed; omega must be finite and > 0$"),
-      dict(testcase_name="fda_omega_inf", call=lambda x: quantizers.fda(x, float("inf"), 9),
-           msg=r"^fda: omega=inf is not allowed; omega must be finite and > 0$"),
-      dict(testcase_name="bnn_pp_beta_inf", call=lambda x: quantizers.bnn_pp(x, float("inf")),
-           msg=r"^bnn_pp: beta=inf is not allowed; beta must be finite and > 0$"),
-      dict(testcase_name="biper_omega0_zero", call=lambda x: quantizers.biper(x, 0.0),
-           msg=r"^biper: omega0=0\.0 is not allowed; omega0 must be finite and > 0$"),
-      dict(testcase_name="biper_omega0_negative", call=lambda x: quantizers.biper(x, -20),
-           msg=r"^biper: omega0=-20\.0 is not allowed; omega0 must be finite and > 0$"),
-      dict(testcase_name="biper_omega0_vector",
-           call=lambda x: quantizers.biper(x, np.array([1.0, 2.0])),
-           msg=r"^biper: omega0=array\(\[1\., 2\.\]\) is not allowed; omega0 must be a real "
-               r"scalar > 0$"),
-      dict(testcase_name="biper_sine_omega0", call=lambda x: quantizers.biper_sine(x, -1.0),
-           msg=r"^biper_sine: omega0=-1\.0 is not allowed; omega0 must be finite and > 0$"),
-      dict(testcase_name="fda_n_terms_negative", call=lambda x: quantizers.fda(x, 0.1, -1),
-           msg=r"^fda: n_terms=-1 is not allowed; n_terms must be an integer >= 0$"),
-      dict(testcase_name="fda_n_terms_fraction", call=lambda x: quantizers.fda(x, 0.1, 2.5),
-           msg=r"^fda: n_terms=2\.5 is not allowed; n_terms must be an integer >= 0$"),
-      dict(testcase_name="fda_n_terms_string", call=lambda x: quantizers.fda(x, 0.1, "9"),
-           msg=r"^fda: n_terms='9' is not allowed; n_terms must be an integer >= 0$"),
-      dict(testcase_name="fda_n_terms_above_max",
-           call=lambda x: quantizers.fda(x, 0.1, 19, max_terms=18),
-           msg=r"^fda: n_terms=19 exceeds max_terms=18; raise max_terms"),
-      dict(testcase_name="fda_max_terms_float",
-           call=lambda x: quantizers.fda(x, 0.1, 3, max_terms=5.0),
-           msg=r"^fda: max_terms=5\.0 is not allowed; it must be a Python int >= 0$"),
-      dict(testcase_name="fda_traced_n_terms_without_max_terms",
-           call=lambda x: jax.jit(lambda x, n: quantizers.fda(x, 0.1, n))(x, jnp.int32(9)),
-           msg=r"^fda: n_terms is a traced value, so a static max_terms is required"),
-      dict(testcase_name="sign_swish_beta_zero", call=lambda x: quantizers.sign_swish(x, 0.0),
-           msg=r"^sign_swish: beta=0\.0 is not allowed; beta must be finite and > 0$"),
-      dict(testcase_name="sign_swish_beta_negative",
-           call=lambda x: quantizers.sign_swish(x, -5.0),
-           msg=r"^sign_swish: beta=-5\.0 is not allowed; beta must be finite and > 0$"),
-      dict(testcase_name="bnn_pp_beta_zero", call=lambda x: quantizers.bnn_pp(x, 0.0),
-           msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be finite and > 0$"),
-      dict(testcase_name="bnn_pp_beta_negative", call=lambda x: quantizers.bnn_pp(x, -1),
-           msg=r"^bnn_pp: beta=-1\.0 is not allowed; beta must be finite and > 0$"),
-      dict(testcase_name="ste_clip_zero", call=lambda x: quantizers.ste_sign(x, 0.0),
-           msg=r"^ste_sign: clip=0\.0 is not allowed; clip must be finite and > 0$"),
-      dict(testcase_name="ste_clip_negative", call=lambda x: quantizers.ste_sign(x, -1.0),
-           msg=r"^ste_sign: clip=-1\.0 is not allowed; clip must be finite and > 0$"),
-      dict(testcase_name="fda_clip_zero", call=lambda x: quantizers.fda(x, 0.1, 9, 0.0),
-           msg=r"^fda: clip=0\.0 is not allowed; clip must be finite and > 0$"),
-      dict(testcase_name="fda_clip_negative", call=lambda x: quantizers.fda(x, 0.1, 9, -2.0),
-           msg=r"^fda: clip=-2\.0 is not allowed; clip must be finite and > 0$"),
-      dict(testcase_name="get_unknown_name", call=lambda x: quantizers.get("sine"),
-           msg=r"^unknown quantizer 'sine'; allowed names: "
-               + re.escape(str(list(quantizers.NAMES))) + "$"),
-      dict(testcase_name="get_unknown_parameter",
-           call=lambda x: quantizers.get("biper", omega=3.0),
-           msg=r"^quantizer 'biper' takes no parameter \['omega'\]; allowed: \['omega0'\]$"),
-      dict(testcase_name="get_parameter_of_parameterless",
-           call=lambda x: quantizers.get("approx_sign", clip=1.0),
-           msg=r"^quantizer 'approx_sign' takes no parameter \['clip'\]; allowed: none$"),
-      dict(testcase_name="get_bad_value_validated_eagerly",
-           call=lambda x: quantizers.get("fda", n_terms=30, max_terms=18),
-           msg=r"^fda: n_terms=30 exceeds max_terms=18"),
-      dict(testcase_name="get_bad_beta", call=lambda x: quantizers.get("bnn_pp", beta=0),
-           msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be finite and > 0$"),
-      dict(testcase_name="override_non_schedulable",
-           call=lambda x: quantizers.get("biper")(x, omega0=3.0),
-           msg=r"^quantizer 'biper': cannot override \['omega0'\] per call; schedulable "
-               r"parameters are \[\]$"),
-      dict(testcase_name="override_fda_omega",
-           call=lambda x: quantizers.get("fda")(x, omega=0.2),
-           msg=r"^quantizer 'fda': cannot override \['omega'\] per call; schedulable "
-               r"parameters are \['n_terms'\]$"),
-      dict(testcase_name="config_without_name",
-           call=lambda x: quantizers.get({"omega0": 20.0}),
-           msg=r"^get: quantizer config \{'omega0': 20\.0\} has no 'name'; allowed names: "
-               + re.escape(str(list(quantizers.NAMES))) + "$"),
-      dict(testcase_name="quantizer_with_parameters",
-           call=lambda x: quantizers.get(quantizers.get("ste"), clip=1.0),
-           msg=r"^get: a Quantizer was given together with parameters \['clip'\]$"),
+      dict(
+          testcase_name="fda_omega_zero",
+          call=lambda x: quantizers.fda(x, 0.0, 9),
+          msg=r"^fda: omega=0\.0 is not allowed; omega must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="fda_omega_negative",
+          call=lambda x: quantizers.fda(x, -0.5, 9),
+          msg=r"^fda: omega=-0\.5 is not allowed; omega must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="fda_omega_nan",
+          call=lambda x: quantizers.fda(x, float("nan"), 9),
+          msg=r"^fda: omega=nan is not allowed; omega must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="fda_omega_inf",
+          call=lambda x: quantizers.fda(x, float("inf"), 9),
+          msg=r"^fda: omega=inf is not allowed; omega must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="bnn_pp_beta_inf",
+          call=lambda x: quantizers.bnn_pp(x, float("inf")),
+          msg=r"^bnn_pp: beta=inf is not allowed; beta must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="biper_omega0_zero",
+          call=lambda x: quantizers.biper(x, 0.0),
+          msg=r"^biper: omega0=0\.0 is not allowed; omega0 must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="biper_omega0_negative",
+          call=lambda x: quantizers.biper(x, -20),
+          msg=r"^biper: omega0=-20\.0 is not allowed; omega0 must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="biper_omega0_vector",
+          call=lambda x: quantizers.biper(x, np.array([1.0, 2.0])),
+          msg=r"^biper: omega0=array\(\[1\., 2\.\]\) is not allowed; omega0 must be a real "
+          r"scalar > 0$",
+      ),
+      dict(
+          testcase_name="biper_sine_omega0",
+          call=lambda x: quantizers.biper_sine(x, -1.0),
+          msg=r"^biper_sine: omega0=-1\.0 is not allowed; omega0 must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="fda_n_terms_negative",
+          call=lambda x: quantizers.fda(x, 0.1, -1),
+          msg=r"^fda: n_terms=-1 is not allowed; n_terms must be an integer >= 0$",
+      ),
+      dict(
+          testcase_name="fda_n_terms_fraction",
+          call=lambda x: quantizers.fda(x, 0.1, 2.5),
+          msg=r"^fda: n_terms=2\.5 is not allowed; n_terms must be an integer >= 0$",
+      ),
+      dict(
+          testcase_name="fda_n_terms_string",
+          call=lambda x: quantizers.fda(x, 0.1, "9"),
+          msg=r"^fda: n_terms='9' is not allowed; n_terms must be an integer >= 0$",
+      ),
+      dict(
+          testcase_name="fda_n_terms_above_max",
+          call=lambda x: quantizers.fda(x, 0.1, 19, max_terms=18),
+          msg=r"^fda: n_terms=19 exceeds max_terms=18; raise max_terms",
+      ),
+      dict(
+          testcase_name="fda_max_terms_float",
+          call=lambda x: quantizers.fda(x, 0.1, 3, max_terms=5.0),
+          msg=r"^fda: max_terms=5\.0 is not allowed; it must be a Python int >= 0$",
+      ),
+      dict(
+          testcase_name="fda_traced_n_terms_without_max_terms",
+          call=lambda x: jax.jit(lambda x, n: quantizers.fda(x, 0.1, n))(x, jnp.int32(9)),
+          msg=r"^fda: n_terms is a traced value, so a static max_terms is required",
+      ),
+      dict(
+          testcase_name="sign_swish_beta_zero",
+          call=lambda x: quantizers.sign_swish(x, 0.0),
+          msg=r"^sign_swish: beta=0\.0 is not allowed; beta must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="sign_swish_beta_negative",
+          call=lambda x: quantizers.sign_swish(x, -5.0),
+          msg=r"^sign_swish: beta=-5\.0 is not allowed; beta must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="bnn_pp_beta_zero",
+          call=lambda x: quantizers.bnn_pp(x, 0.0),
+          msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="bnn_pp_beta_negative",
+          call=lambda x: quantizers.bnn_pp(x, -1),
+          msg=r"^bnn_pp: beta=-1\.0 is not allowed; beta must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="ste_clip_zero",
+          call=lambda x: quantizers.ste_sign(x, 0.0),
+          msg=r"^ste_sign: clip=0\.0 is not allowed; clip must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="ste_clip_negative",
+          call=lambda x: quantizers.ste_sign(x, -1.0),
+          msg=r"^ste_sign: clip=-1\.0 is not allowed; clip must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="fda_clip_zero",
+          call=lambda x: quantizers.fda(x, 0.1, 9, 0.0),
+          msg=r"^fda: clip=0\.0 is not allowed; clip must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="fda_clip_negative",
+          call=lambda x: quantizers.fda(x, 0.1, 9, -2.0),
+          msg=r"^fda: clip=-2\.0 is not allowed; clip must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="get_unknown_name",
+          call=lambda x: quantizers.get("sine"),
+          msg=r"^unknown quantizer 'sine'; allowed names: "
+          + re.escape(str(list(quantizers.NAMES)))
+          + "$",
+      ),
+      dict(
+          testcase_name="get_unknown_parameter",
+          call=lambda x: quantizers.get("biper", omega=3.0),
+          msg=r"^quantizer 'biper' takes no parameter \['omega'\]; allowed: \['omega0'\]$",
+      ),
+      dict(
+          testcase_name="get_parameter_of_parameterless",
+          call=lambda x: quantizers.get("approx_sign", clip=1.0),
+          msg=r"^quantizer 'approx_sign' takes no parameter \['clip'\]; allowed: none$",
+      ),
+      dict(
+          testcase_name="get_bad_value_validated_eagerly",
+          call=lambda x: quantizers.get("fda", n_terms=30, max_terms=18),
+          msg=r"^fda: n_terms=30 exceeds max_terms=18",
+      ),
+      dict(
+          testcase_name="get_bad_beta",
+          call=lambda x: quantizers.get("bnn_pp", beta=0),
+          msg=r"^bnn_pp: beta=0\.0 is not allowed; beta must be finite and > 0$",
+      ),
+      dict(
+          testcase_name="override_non_schedulable",
+          call=lambda x: quantizers.get("biper")(x, omega0=3.0),
+          msg=r"^quantizer 'biper': cannot override \['omega0'\] per call; schedulable "
+          r"parameters are \[\]$",
+      ),
+      dict(
+          testcase_name="override_fda_omega",
+          call=lambda x: quantizers.get("fda")(x, omega=0.2),
+          msg=r"^quantizer 'fda': cannot override \['omega'\] per call; schedulable "
+          r"parameters are \['n_terms'\]$",
+      ),
+      dict(
+          testcase_name="config_without_name",
+          call=lambda x: quantizers.get({"omega0": 20.0}),
+          msg=r"^get: quantizer config \{'omega0': 20\.0\} has no 'name'; allowed names: "
+          + re.escape(str(list(quantizers.NAMES)))
+          + "$",
+      ),
+      dict(
+          testcase_name="quantizer_with_parameters",
+          call=lambda x: quantizers.get(quantizers.get("ste"), clip=1.0),
+          msg=r"^get: a Quantizer was given together with parameters \['clip'\]$",
+      ),
   )
   def test_value_error(self, call, msg):
     with self.assertRaisesRegex(ValueError, msg):
@@ -1020,10 +1267,12 @@ class RegistryTest(QuantizerTestCase):
     # The set is asserted exactly, so adding or dropping a name must update this test.
     self.assertEqual(
         quantizers.NAMES,
-        ("identity", "ste", "approx_sign", "sign_swish", "fda", "biper", "biper_sine",
-         "bnn_pp"))
-    self.assertTrue({"identity", "ste", "approx_sign", "sign_swish", "fda", "biper",
-                     "bnn_pp"} <= set(quantizers.NAMES))
+        ("identity", "ste", "approx_sign", "sign_swish", "fda", "biper", "biper_sine", "bnn_pp"),
+    )
+    self.assertTrue(
+        {"identity", "ste", "approx_sign", "sign_swish", "fda", "biper", "bnn_pp"}
+        <= set(quantizers.NAMES)
+    )
 
   @parameterized.named_parameters(*[dict(testcase_name=n, name=n) for n in quantizers.NAMES])
   def test_config_round_trip(self, name):
@@ -1038,10 +1287,13 @@ class RegistryTest(QuantizerTestCase):
     self.assertEqual(json.loads(text), cfg)
 
   def test_non_default_config_round_trip(self):
-    for q in (quantizers.get("ste", clip=1.5), quantizers.get("fda", omega=0.5, n_terms=3,
-                                                               clip=2.0, max_terms=18),
-              quantizers.get("biper", omega0=30), quantizers.get("bnn_pp", beta=2),
-              quantizers.get("sign_swish", beta=10.0)):
+    for q in (
+        quantizers.get("ste", clip=1.5),
+        quantizers.get("fda", omega=0.5, n_terms=3, clip=2.0, max_terms=18),
+        quantizers.get("biper", omega0=30),
+        quantizers.get("bnn_pp", beta=2),
+        quantizers.get("sign_swish", beta=10.0),
+    ):
       cfg = json.loads(json.dumps(q.config()))
       self.assertEqual(quantizers.get(cfg), q)
       self.assertNotEqual(q, quantizers.get(q.name))
@@ -1062,8 +1314,12 @@ class RegistryTest(QuantizerTestCase):
     }
     self.assertEqual(set(pairs), set(quantizers.NAMES))
     cot = _cot_like(x, 13)
-    outs = jax.jit(lambda x, t: {n: (_value_and_grad(quantizers.get(n))(x, t),
-                                     _value_and_grad(fn)(x, t)) for n, fn in pairs.items()})(x, cot)
+    outs = jax.jit(
+        lambda x, t: {
+            n: (_value_and_grad(quantizers.get(n))(x, t), _value_and_grad(fn)(x, t))
+            for n, fn in pairs.items()
+        }
+    )(x, cot)
     for name, (from_get, from_fn) in outs.items():
       chex.assert_trees_all_equal(from_get, from_fn)
       self.assert_forward(CASES[name], x, from_get[0], F32)  # same forward as the defaults
@@ -1092,8 +1348,9 @@ class RegressionTest(QuantizerTestCase):
       eps = float(jnp.finfo(dtype).eps)
       for beta in (5.0, jnp.float32(5.0)):  # a Python float and a float32 schedule value
         y = _np(quantizers.bnn_pp(x, beta))
-        np.testing.assert_allclose(y, ref, rtol=0, atol=eps,
-                                   err_msg=f"{jnp.dtype(dtype).name} beta={beta!r}")
+        np.testing.assert_allclose(
+            y, ref, rtol=0, atol=eps, err_msg=f"{jnp.dtype(dtype).name} beta={beta!r}"
+        )
 
   # A, float16 consequence: beta*x was formed in float16, so once |beta x| > 65504 it
   # was inf and SS = 2 s (1 + inf * 0) - 1 = nan: with beta = 5 for every |x| > 13101, and
@@ -1112,8 +1369,9 @@ class RegressionTest(QuantizerTestCase):
     for dtype in (F32, BF16):
       big = float(jnp.finfo(dtype).max)
       x = np.asarray([big, -big], _np_dtype(dtype))
-      np.testing.assert_array_equal(_np(quantizers.bnn_pp(x, 5.0)), [1.0, -1.0],
-                                    err_msg=f"bnn_pp value {dtype}")
+      np.testing.assert_array_equal(
+          _np(quantizers.bnn_pp(x, 5.0)), [1.0, -1.0], err_msg=f"bnn_pp value {dtype}"
+      )
       for q in (quantizers.sign_swish, quantizers.bnn_pp):
         g = _np(jax.grad(lambda x: jnp.sum(q(x, 5.0)))(x))
         np.testing.assert_array_equal(g, [0.0, 0.0], err_msg=f"{q.__name__} grad {dtype}")
