@@ -41,6 +41,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from fda_biper_jax import analysis
 from fda_biper_jax import checkpoints as ckpt_lib
 from fda_biper_jax import data as data_lib
 from fda_biper_jax import models
@@ -309,6 +310,30 @@ def load_data(config) -> tuple[data_lib.DatasetInfo, tuple, tuple]:
   return info, data_lib.load(config.dataset, "train", **kw), data_lib.load(config.dataset, "test", **kw)
 
 
+class LayerLog:
+  """Per binarized layer, at each evaluation: the Laplace scale b of the latent
+  weights, the quantization error of the layer's binarizer (BiPer Eq. 1 / 4;
+  `analysis.layer_stats`) and the share of binarized weights that flipped
+  since the previous evaluation (BiPer Fig. 4)."""
+
+  def __init__(self, model, image_shape, state):
+    self.layers = analysis.binarized_layers(model, image_shape)
+    self.previous = self._kernels(state)
+
+  def _kernels(self, state):
+    return analysis.binarized_kernels(jax.device_get(state.params), self.layers)
+
+  def record(self, state, step: int, epoch: float) -> dict[str, Any]:
+    kernels = self._kernels(state)
+    stats = analysis.layer_stats(jax.device_get(state.params), self.layers)
+    flips = analysis.sign_flip_share(self.previous, kernels, self.layers)
+    for path, share in flips.layers.items():
+      stats[path]["sign_flip_share"] = share
+    self.previous = kernels
+    return {"kind": "layers", "step": step, "epoch": epoch, "sign_flip_share": flips.overall,
+            "layers": stats}
+
+
 def _meta(config, model) -> dict[str, Any]:
   return {"model": models.config(model), "config": json.loads(config.to_json_best_effort())}
 
@@ -365,6 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     runlog.say(f"resuming from step {step0} in {workdir}")
   state = parallel.replicate(state, mesh)
 
+  layer_log = LayerLog(model, info.image_shape, state) if config.log_layer_stats else None
   train_step = make_train_step(model, tx, sched, mesh, info, config.crop_pad, config.flip)
   eval_step = make_eval_step(model, mesh, info)
   images, labels = parallel.replicate_local((train[0], train[1]), mesh)
@@ -434,6 +460,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ev = evaluate(eval_step, state, test, eval_batch, mesh)
       last_eval = ev["accuracy"]
       runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
+      if layer_log is not None and layer_log.layers:
+        runlog.write(layer_log.record(state, step, step / steps_per_epoch))
       if ev["accuracy"] > best["accuracy"]:
         best = {"accuracy": ev["accuracy"], "step": step}
         ckpts.save_best(step, state, meta, ev["accuracy"])

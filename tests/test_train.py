@@ -46,6 +46,14 @@ def test_tiny_binary_model_learns(tmp_path):
   assert len(ev) == 6 and ev[-1]["accuracy"] == out["final_eval_accuracy"]
   tr = records(str(tmp_path))
   assert tr[-1]["loss"] < tr[0]["loss"]
+  layers = records(str(tmp_path), "layers")
+  assert len(layers) == 6
+  assert sorted(layers[0]["layers"]) == ["unit1/conv", "unit2/conv"]
+  for rec in layers:
+    for stats in rec["layers"].values():
+      assert stats["laplace_b"] > 0 and 0 <= stats["qe"] <= 0.5
+      assert 0 <= stats["sign_flip_share"] <= 1
+  assert layers[0]["sign_flip_share"] > 0  # weights move in the first epoch
 
 
 def test_one_and_eight_devices_give_the_same_losses(tmp_path):

@@ -47,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Running.
   c.log_every_steps = 50
   c.eval_every_epochs = 1
+  c.log_layer_stats = True   # per-layer Laplace b, QE and sign flips at each eval
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_only = False
