@@ -95,11 +95,16 @@ def approx_sign_prime64(x):
 
 
 def _phase_error(x64, w, k=1):
-  """|fl32(k * fl32(fl32(w) * x)) - k w x|: the float32 rounding of a phase."""
+  """Float32 error of the phase k w x: |fl32(k * fl32(fl32(w) * x)) - k w x|, or
+  k |fl32(w) x - w x| when XLA contracts the product into an FMA (no rounding of
+  w x, only of w itself); the larger of the two."""
   with np.errstate(over="ignore", invalid="ignore"):
-    wx32 = np.float32(w) * x64.astype(np.float32)
+    x32 = x64.astype(np.float32)
+    wx32 = np.float32(w) * x32
     p32 = wx32 if k == 1 else np.float32(k) * wx32
-    err = np.abs(p32.astype(np.float64) - k * w * x64)
+    rounded = np.abs(p32.astype(np.float64) - k * w * x64)
+    contracted = k * np.abs(float(np.float32(w)) * x32.astype(np.float64) - w * x64)
+    err = np.maximum(rounded, contracted)
   return np.where(np.isfinite(err), err, np.inf)
 
 
@@ -1137,11 +1142,6 @@ class ErrorsTest(QuantizerTestCase):
           msg=r"^fda: max_terms=5\.0 is not allowed; it must be a Python int >= 0$",
       ),
       dict(
-          testcase_name="fda_traced_n_terms_without_max_terms",
-          call=lambda x: jax.jit(lambda x, n: quantizers.fda(x, 0.1, n))(x, jnp.int32(9)),
-          msg=r"^fda: n_terms is a traced value, so a static max_terms is required",
-      ),
-      dict(
           testcase_name="sign_swish_beta_zero",
           call=lambda x: quantizers.sign_swish(x, 0.0),
           msg=r"^sign_swish: beta=0\.0 is not allowed; beta must be finite and > 0$",
@@ -1375,6 +1375,42 @@ class RegressionTest(QuantizerTestCase):
       for q in (quantizers.sign_swish, quantizers.bnn_pp):
         g = _np(jax.grad(lambda x: jnp.sum(q(x, 5.0)))(x))
         np.testing.assert_array_equal(g, [0.0, 0.0], err_msg=f"{q.__name__} grad {dtype}")
+
+
+class FdaClosedFormTest(absltest.TestCase):
+  """The series derivative is summed in closed form (a Dirichlet kernel)."""
+
+  def test_matches_float64_summation_near_multiples_of_pi(self):
+    for omega, n in ((0.1, 9), (1.0, 18), (3.0, 0)):
+      ks = np.arange(-40, 41)
+      x = np.concatenate([ks * np.pi / omega, ks * np.pi / omega + 1e-3,
+                          np.linspace(-30, 30, 2001)]).astype(np.float32)
+      t = (np.float32(omega) * x).astype(np.float64)  # the phase float32 forms
+      ref = 4 * omega / np.pi * np.cos((2 * np.arange(n + 1)[:, None] + 1) * t).sum(0)
+      got = np.asarray(jax.jit(quantizers.fda_series_derivative, static_argnums=(2,))(
+          jnp.asarray(x), omega, n))
+      np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * 4 * omega / np.pi * (n + 1))
+
+  def test_traced_n_terms_needs_no_max_terms_and_compiles_once(self):
+    x = jnp.linspace(-1.0, 1.0, 41)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def grad(x, n):
+      return jax.grad(lambda x: jnp.sum(quantizers.fda(x, 0.1, n, 1.0)))(x)
+
+    chex.clear_trace_counter()
+    for n in (0, 9, 18, 40):
+      np.testing.assert_allclose(
+          grad(x, jnp.int32(n)),
+          jax.grad(lambda x: jnp.sum(quantizers.fda(x, 0.1, n, 1.0)))(x), rtol=1e-6)
+
+  def test_max_terms_caps_a_traced_n_terms(self):
+    x = jnp.linspace(-1.0, 1.0, 41)
+    capped = jax.jit(lambda x, n: jax.grad(
+        lambda x: jnp.sum(quantizers.fda(x, 0.1, n, max_terms=12)))(x))(x, jnp.int32(30))
+    np.testing.assert_allclose(capped, jax.grad(
+        lambda x: jnp.sum(quantizers.fda(x, 0.1, 12)))(x), rtol=1e-6)
 
 
 if __name__ == "__main__":
