@@ -27,6 +27,14 @@ What is exported (XNOR-Net's deployment, Rastegari et al. 2016):
   BatchNorms, PReLU slopes), as float32. FDA's noise adapters, which the
   evaluation forward never uses, are dropped.
 
+The file holds no graph: the network's structure is the zoo's own model
+definition, rebuilt from the saved `models.config`, and `inference.Predictor`
+applies it with the packed layers swapped in through
+`flax.linen.intercept_methods`. So no architecture is written twice, and the
+packed layers and folds are found the same way: `export` traces the eval
+forward (`jax.eval_shape`, nothing runs) under an interceptor that records
+every module called, by path.
+
 File format 'fda_biper_jax.packed', version 1 (integers little-endian):
 
     magic    8 bytes   b"FBJ-PACK"
@@ -114,14 +122,10 @@ class Packed:
     flat = {k[len("float/"):]: v for k, v in self.arrays.items() if k.startswith("float/")}
     return traverse_util.unflatten_dict(flat, sep="/")
 
-  @property
-  def file_bytes(self) -> int:
-    return len(to_bytes(self))
-
   def sizes(self) -> dict[str, Any]:
-    """File bytes against the float32 bytes of the source model's parameters."""
+    """The file's bytes against the float32 bytes of the source model's parameters."""
     f32 = 4 * int(self.header["source_params"])
-    size = self.file_bytes
+    size = len(to_bytes(self))
     return {"file_bytes": size, "float32_param_bytes": f32, "ratio": size / f32}
 
 
@@ -163,18 +167,18 @@ def _is_packed(module: nn.Module) -> bool:
 
 
 def _bn_affine(bn: nn.BatchNorm, params, stats) -> tuple[np.ndarray, np.ndarray]:
-  """(m, c) with BN(z) = z m + c in evaluation, computed as flax's BatchNorm does."""
-  m = jax.lax.rsqrt(jnp.asarray(stats["var"]) + bn.epsilon)
+  """(m, c), float32, with BN(z) = z m + c in evaluation (flax's BatchNorm)."""
+  m = 1 / np.sqrt(np.asarray(stats["var"], np.float32) + np.float32(bn.epsilon))
   if bn.use_scale:
-    m = m * params["scale"]
-  c = -jnp.asarray(stats["mean"]) * m
+    m = m * np.asarray(params["scale"], np.float32)
+  c = -np.asarray(stats["mean"], np.float32) * m
   if bn.use_bias:
-    c = c + params["bias"]
-  return np.asarray(m, np.float32), np.asarray(c, np.float32)
+    c = c + np.asarray(params["bias"], np.float32)
+  return m, c
 
 
-def _folds(modules: Mapping[str, nn.Module], variables) -> dict[str, str]:
-  """{packed conv path: BatchNorm path} of the exact folds (module docstring)."""
+def _folds(modules: Mapping[str, nn.Module], variables) -> dict[str, tuple[str, tuple]]:
+  """{packed conv path: (BatchNorm path, (m, c))} of the exact folds (module docstring)."""
   folds = {}
   for path, unit in modules.items():
     if not isinstance(unit, ConvUnit) or unit.activation_first:
@@ -182,30 +186,31 @@ def _folds(modules: Mapping[str, nn.Module], variables) -> dict[str, str]:
     conv, bn = _path(path, "conv"), _path(path, "bn")
     if not _is_packed(modules.get(conv)):
       continue
-    m, _ = _bn_affine(modules[bn], _node(variables["params"], bn),
+    m, c = _bn_affine(modules[bn], _node(variables["params"], bn),
                       _node(variables["batch_stats"], bn))
     if not unit.pool or np.all(m >= 0):
-      folds[conv] = bn
+      folds[conv] = (bn, (m, c))
   return folds
 
 
 def _pack_layer(module: BinaryConv | BinaryDense, params, bn_affine) -> dict[str, np.ndarray]:
-  w = jnp.asarray(params["kernel"], jnp.float32)
-  k = int(np.prod(w.shape[:-1]))
-  signs = quantizers.get(module.kernel_quantizer).binarize(w).reshape(k, module.features)
+  """Packed kernel, scale and bias of a layer, BatchNorm (m, c) folded in if given."""
+  w = np.asarray(params["kernel"], np.float32)
+  signs = jax.jit(quantizers.get(module.kernel_quantizer).binarize)(w)
+  bits = np.asarray(signs).reshape(-1, module.features).T < 0  # [Cout, K]
   if module.scaling == "mean_abs":
-    scale = jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+    scale = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
   elif module.scaling == "learned":
-    scale = jnp.asarray(params["scale"], jnp.float32)
+    scale = np.asarray(params["scale"], np.float32)
   else:
-    scale = jnp.ones((module.features,), jnp.float32)
-  bias = (jnp.asarray(params["bias"], jnp.float32) if module.use_bias
-          else jnp.zeros((module.features,), jnp.float32))
+    scale = np.ones((module.features,), np.float32)
+  bias = (np.asarray(params["bias"], np.float32) if module.use_bias
+          else np.zeros((module.features,), np.float32))
   if bn_affine is not None:
     m, c = bn_affine
     scale, bias = scale * m, bias * m + c
-  return {"kernel": np.asarray(inference.pack_bits((signs < 0).T)),
-          "scale": np.asarray(scale, np.float32), "bias": np.asarray(bias, np.float32)}
+  return {"kernel": inference.pack_bits(bits), "scale": scale.astype(np.float32),
+          "bias": bias.astype(np.float32)}
 
 
 def _layer_entry(module: BinaryConv | BinaryDense, params, folded_bn: str | None) -> dict:
@@ -228,7 +233,8 @@ def export(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence
     input_shape: one example's shape (H, W, C), e.g. (32, 32, 3).
 
   Raises:
-    ValueError: the model is not of the zoo, or the variables do not fit it.
+    ValueError: the model is not of the zoo (variables that do not fit it
+      fail in Flax, as in `model.apply`).
   """
   config = models.config(model)
   variables = jax.device_get(dict(variables))
@@ -240,13 +246,11 @@ def export(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence
     if not _is_packed(module):
       continue
     params = _node(variables["params"], path)
-    bn = folds.get(path)
-    affine = None if bn is None else _bn_affine(mods[bn], _node(variables["params"], bn),
-                                                _node(variables["batch_stats"], bn))
+    bn, affine = folds.get(path, (None, None))
     layers[path] = _layer_entry(module, params, bn)
     for k, v in _pack_layer(module, params, affine).items():
       arrays[f"packed/{path}/{k}"] = v
-  dropped = tuple(f"{p}/" for p in (*layers, *folds.values()))
+  dropped = tuple(f"{p}/" for p in (*layers, *(bn for bn, _ in folds.values())))
   for key, v in traverse_util.flatten_dict(variables, sep="/").items():
     if not key.split("/", 1)[1].startswith(dropped):
       arrays[f"float/{key}"] = np.asarray(v, np.float32)
@@ -263,7 +267,17 @@ def _image_shape(config) -> tuple[int, ...]:
 
 
 def restore(workdir: str, which: str = "latest") -> tuple[nn.Module, dict, tuple, int]:
-  """(model, variables, image shape, step) of a run's latest or best checkpoint."""
+  """(model, variables, image shape, step) of a run's latest or best checkpoint.
+
+  The model is rebuilt from the configuration saved with the checkpoint and
+  the image shape read from its training config; the state is restored onto
+  a template traced with `jax.eval_shape` (nothing is initialised), on one
+  device whatever the run's device count.
+
+  Raises:
+    ValueError: `which` is not 'latest' or 'best', or the workdir holds no
+      such readable checkpoint.
+  """
   if which not in WHICH:
     raise ValueError(f"which={which!r} is not allowed; allowed: {list(WHICH)}")
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -389,9 +403,9 @@ def _check_layers(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
 def from_bytes(data: bytes) -> Packed:
   """Parses and validates a file's bytes (module docstring); ValueError if bad."""
   view = memoryview(data)
-  if len(data) < len(MAGIC) or bytes(view[:len(MAGIC)]) != MAGIC:
-    raise ValueError(f"not a {FORMAT} file: it starts with {bytes(view[:len(MAGIC)])!r}, "
-                     f"not the magic {MAGIC!r}")
+  head = bytes(view[:len(MAGIC)])
+  if head != MAGIC[:len(head)]:
+    raise ValueError(f"not a {FORMAT} file: it starts with {head!r}, not the magic {MAGIC!r}")
   if len(data) < _PREAMBLE.size:
     raise ValueError(f"the file is truncated: {len(data)} bytes, fewer than the "
                      f"{_PREAMBLE.size}-byte preamble")
@@ -406,6 +420,8 @@ def from_bytes(data: bytes) -> Packed:
     header = json.loads(bytes(raw).decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"the header is not valid JSON: {e}") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
   if header.get("format") != FORMAT:
     raise ValueError(f"format={header.get('format')!r} is not supported; allowed: {FORMAT!r}")
   if header.get("version") not in SUPPORTED_VERSIONS:

@@ -16,18 +16,24 @@ filled with 0 bits. For +-1 vectors a, w of length K,
 xor marking the K positions where they differ; tail bits are 0 in both
 operands, so they add no mismatch.
 
-Convolutions (`binary_conv`) pack im2col patches over (kh, kw, Cin), the
-order of an HWIO kernel flattened to [K, Cout]. A conv zero-pads its input
-and 0 is not +-1: in the patches a padded tap holds bit 0, a +1, so the xor
-counts a mismatch there exactly where the kernel bit is 1. The exact dot
-product over the taps that are inside the image is therefore
+Convolutions (`binary_conv`): the file packs a conv kernel along K = kh kw Cin
+(an HWIO kernel flattened to [K, Cout]). At run time each pixel's Cin signs
+are packed first and the patches cut from the words (im2col on 32 times
+less data than the floats); with Cin a multiple of 32 these are exactly the
+file's words, otherwise the kernel is re-laid out so that each tap starts a
+word (`_per_tap`, a few bit operations on the kernel per call). A conv
+zero-pads its input and 0 is not +-1: in the patches a padded tap holds
+bits 0, i.e. +1s, so the xor counts a mismatch there exactly where the
+kernel bit is 1. The exact dot product over the taps inside the image is
+therefore
 
-    K_valid(p) - 2 (popcount(a xor w) - popcount(pad(p) and w)),
+    K_valid(p) - 2 (popcount(a xor w) - n_w(p)),
 
-with pad(p) the packed mask of the taps of output position p that fall in
-the padding and K_valid(p) the number of the others. Both depend on the
-position only, so the correction is one [Ho, Wo, Cout] table per call,
-without a batch axis, computed only when the conv pads.
+with K_valid(p) the number of entries of output position p's patch inside
+the image and n_w(p) the number of -1s of the kernel on its padded taps:
+the [Ho, Wo, taps] mask of padded taps times the kernel's [taps, Cout]
+counts of -1s, a small integer product without a batch axis, computed only
+when the conv pads.
 
 A layer with a binary kernel and a float (or non-binary) input, "mixed",
 unpacks its kernel to +-1 floats and convolves in float: also exact.
@@ -45,7 +51,7 @@ architecture is written twice, and every model of the zoo deploys as it is.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +67,8 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 WORD_BITS = 32
+BLOCK = 64  # output channels per step of the popcount loop
+GROUP = 32  # words per step of the popcount loop
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -78,8 +86,8 @@ def pack_bits(bits, axis: int = -1):
   """Packs booleans 32 per uint32 along `axis`: entry 32 i + j is bit j of word i.
 
   The last word's unused high bits are 0. The axis shrinks to ceil(K / 32).
-  A numpy input is packed with numpy (a constant of a traced program stays
-  out of XLA's constant folding), anything else with jax.numpy.
+  A numpy input is packed with numpy (export packs on the host, compiling
+  nothing), anything else with jax.numpy.
   """
   xp = np if isinstance(bits, np.ndarray) else jnp
   bits = xp.moveaxis(xp.asarray(bits, xp.bool_), axis, -1)
@@ -105,9 +113,39 @@ def unpack_bits(words, length: int, axis: int = -1) -> Array:
   return jnp.moveaxis(bits, -1, axis)
 
 
-def _popcount_reduce(a: Array, w: Array, op: Callable[[Array, Array], Array]) -> Array:
-  """sum_k popcount(op(a[..., k], w[o, k])): int32 [..., Cout] of a [..., Kw], w [Cout, Kw]."""
-  return jnp.sum(lax.population_count(op(a[..., None, :], w)), axis=-1, dtype=jnp.int32)
+def _mismatches(a: Array, w: Array) -> Array:
+  """sum_k popcount(a[..., k] xor w[o, k]): int32 [..., Cout] of a [..., Kw], w [Cout, Kw].
+
+  A loop over blocks of at most `BLOCK` output channels and `GROUP` words;
+  a step sums one elementwise term per word, which XLA fuses into one loop
+  vectorised over the block's channels (a reduce over the word axis ran up
+  to 15 times slower on CPU; unrolling every word of a wide layer compiles
+  slowly). The loop is also there for XLA's fusion: it duplicates
+  elementwise producers into each consumer, so a layer's popcount sums would
+  be recomputed inside every user of its output (the next layer's packing,
+  the residual shortcut: over and over along a ResNet stage), while a loop
+  is never fused, so its result is computed once. XLA inlines one-step
+  loops, hence at least two blocks.
+  """
+  cout, words = w.shape
+  blocks = 1 if cout == 1 else max(2, -(-cout // BLOCK))
+  groups = -(-words // GROUP)
+  size, width = -(-cout // blocks), -(-words // groups)
+  # Zero words in both operands add no mismatch; extra channels are cut off.
+  w = jnp.pad(w, ((0, blocks * size - cout), (0, groups * width - words)))
+  a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, groups * width - words)])
+
+  def step(i, out):
+    block, group = i // groups, i % groups
+    ag = lax.dynamic_slice_in_dim(a, group * width, width, axis=-1)
+    wg = lax.dynamic_slice(w, (block * size, group * width), (size, width))
+    total = lax.dynamic_slice_in_dim(out, block * size, size, axis=-1)
+    for k in range(width):
+      total = total + lax.population_count(ag[..., k, None] ^ wg[:, k]).astype(jnp.int32)
+    return lax.dynamic_update_slice_in_dim(out, total, block * size, axis=-1)
+
+  out = jnp.zeros((*a.shape[:-1], blocks * size), jnp.int32)
+  return lax.fori_loop(0, blocks * groups, step, out)[..., :cout]
 
 
 def xnor_dot(a: Array, w: Array, length: int) -> Array:
@@ -115,7 +153,7 @@ def xnor_dot(a: Array, w: Array, length: int) -> Array:
 
   a: packed [..., Kw]; w: packed [Cout, Kw]; length: the true K.
   """
-  return length - 2 * _popcount_reduce(a, w, jnp.bitwise_xor)
+  return length - 2 * _mismatches(a, w)
 
 
 # --------------------------------------------------------------------------
@@ -134,9 +172,9 @@ def im2col(x: Array, kernel_size: Sequence[int], strides: Sequence[int],
   return jnp.concatenate(taps, axis=-1)
 
 
-def _padded_taps(in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
-                 padding: Padding, channels: int) -> np.ndarray:
-  """bool [Ho, Wo, kh kw C]: the patch entries of each output position in the padding."""
+def _outside_taps(in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequence[int],
+                  padding: Padding) -> np.ndarray:
+  """bool [Ho, Wo, kh kw]: which taps of each output position fall in the padding."""
   inside = []
   for n, k, s, (lo, hi) in zip(in_hw, kernel_size, strides, padding):
     out = (n + lo + hi - k) // s + 1
@@ -144,34 +182,46 @@ def _padded_taps(in_hw: Sequence[int], kernel_size: Sequence[int], strides: Sequ
     inside.append((pos >= 0) & (pos < n))
   rows, cols = inside
   outside = ~(rows[:, None, :, None] & cols[None, :, None, :])  # [Ho, Wo, kh, kw]
-  shape = (*outside.shape[:2], outside.shape[2] * outside.shape[3] * channels)
-  return np.broadcast_to(outside[..., None], (*outside.shape, channels)).reshape(shape)
+  return outside.reshape(*outside.shape[:2], -1)
+
+
+def _per_tap(kernel: Array, taps: int, channels: int) -> Array:
+  """A packed [Cout, ceil(taps C / 32)] kernel as [Cout, taps, ceil(C / 32)].
+
+  Each tap's C bits start a word, as in `binary_conv`'s patches; the words
+  are the same when C is a multiple of 32.
+  """
+  cout = kernel.shape[0]
+  if channels % WORD_BITS == 0:
+    return kernel.reshape(cout, taps, -1)
+  bits = unpack_bits(kernel, taps * channels).reshape(cout, taps, channels)
+  return pack_bits(bits)
 
 
 def binary_conv(bits: Array, kernel: Array, kernel_size: Sequence[int],
                 strides: Sequence[int], padding: Padding) -> Array:
   """Exact conv of +-1 inputs (bits [N, H, W, C]) with a packed kernel [Cout, Kw].
 
-  Zero padding contributes 0, as in a float conv (module docstring). Returns
-  the integer dot products, int32 [N, Ho, Wo, Cout].
+  The kernel is packed along K = kh kw C (the file's layout); padding is
+  explicit ((top, bottom), (left, right)) zero padding, which contributes 0
+  as in a float conv (see the module docstring for both). Returns the
+  integer dot products, int32 [N, Ho, Wo, Cout].
   """
   c = bits.shape[-1]
-  k = int(np.prod(kernel_size)) * c
+  taps = int(np.prod(kernel_size))
+  k = taps * c
   if kernel.shape[-1] != num_words(k):
     raise ValueError(f"binary_conv: kernel has {kernel.shape[-1]} words per channel; "
                      f"K = {k} needs {num_words(k)}")
-  if c % WORD_BITS == 0:
-    # Each tap then fills whole words: packing every pixel before im2col gives
-    # the same words from 32 times less data.
-    a = im2col(pack_bits(bits), kernel_size, strides, padding)
-  else:
-    a = pack_bits(im2col(bits, kernel_size, strides, padding))
-  mismatches = _popcount_reduce(a, kernel, jnp.bitwise_xor)
-  pad = _padded_taps(bits.shape[1:3], kernel_size, strides, padding, c)
-  if not pad.any():
+  kernel = _per_tap(kernel, taps, c)
+  patches = im2col(pack_bits(bits), kernel_size, strides, padding)
+  mismatches = _mismatches(patches, kernel.reshape(kernel.shape[0], -1))
+  outside = _outside_taps(bits.shape[1:3], kernel_size, strides, padding)
+  if not outside.any():
     return k - 2 * mismatches
-  correction = _popcount_reduce(pack_bits(pad), kernel, jnp.bitwise_and)  # [Ho, Wo, Cout]
-  k_valid = k - pad.sum(axis=-1, keepdims=True)
+  minus_ones = jnp.sum(lax.population_count(kernel), axis=-1, dtype=jnp.int32)  # [Cout, taps]
+  correction = jnp.einsum("hwt,ot->hwo", outside.astype(np.int32), minus_ones)
+  k_valid = (k - c * outside.sum(axis=-1, keepdims=True)).astype(np.int32)
   return k_valid - 2 * (mismatches - correction)
 
 
@@ -240,7 +290,10 @@ class Predictor:
 
   Images are what the model takes (NHWC float, normalised as in training).
   `apply(operands, images)` is the pure jitted function of the arrays in
-  `operands` (place them on another device with `jax.device_put`).
+  `operands` (place them on another device with `jax.device_put`). The
+  float layers compute in the model's dtype: with bfloat16 the logits match
+  the model's only up to bfloat16 rounding, which the binarizations can
+  amplify, as they do between the model's own bfloat16 and float32 runs.
   """
 
   def __init__(self, packed: "Packed"):

@@ -1,0 +1,343 @@
+"""Tests of export (`fda_biper_jax.export`) and packed inference (`fda_biper_jax.inference`).
+
+Bit packing, the xor-popcount dot and the zero-padded conv are checked
+exactly against +-1 float arithmetic; every model of the zoo and every
+binary quantizer round-trips export -> bytes -> load -> `Predictor` to the
+model's own eval-mode logits (random variables from the init's shapes, with
+non-trivial BatchNorm), and one real checkpoint of a tiny training run
+round-trips through `export_checkpoint` and the command line.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import inference as bench
+from experiments.configs import tiny
+from fda_biper_jax import data, export, inference, models, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIPER = dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
+             prenorm=True)
+FDA = dict(kernel_quantizer={"name": "fda", "max_terms": 18},
+           input_quantizer={"name": "fda", "max_terms": 18},
+           scaling="mean_abs", kernel_noise={}, input_noise={})
+# One quantization per model, so the zoo together covers every scaling, prenorm,
+# the noise adapters and several quantizers on kernels and inputs.
+ZOO = {
+    "resnet18_cifar": BIPER,
+    "resnet20": dict(BIPER, scaling="none"),
+    "resnet20_fda": FDA,
+    "vgg_small": dict(kernel_quantizer="ste", input_quantizer="sign_swish", scaling="mean_abs"),
+    "resnet18": dict(BIPER, input_quantizer="ste"),
+    "resnet34": BIPER,
+    "tiny_cnn": dict(kernel_quantizer="approx_sign", input_quantizer="bnn_pp", scaling="learned"),
+}
+BINARY_QUANTIZERS = ("ste", "approx_sign", "sign_swish", "fda", "biper", "bnn_pp")
+IMAGENET = ("resnet18", "resnet34")
+ODD_K = (1, 31, 32, 33, 45, 100)
+
+
+def _shape(name):
+  return {"tiny_cnn": (8, 8, 3)}.get(name, (64, 64, 3) if name in IMAGENET else (32, 32, 3))
+
+
+def _images(shape, batch=2, seed=1):
+  return jax.random.normal(jax.random.key(seed), (batch, *shape))
+
+
+@functools.cache
+def _exported(name, negative_bn_scales=0.0, **quantization):
+  """(model, variables, packed) of a zoo model with random variables."""
+  model = models.create(name, 10, **(quantization or ZOO[name]))
+  variables = bench.random_variables(model, _shape(name), negative_bn_scales=negative_bn_scales)
+  return model, variables, export.export(model, variables, _shape(name))
+
+
+def _assert_same_logits(model, variables, packed, x):
+  ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  got = inference.Predictor(export.from_bytes(export.to_bytes(packed)))(x)
+  np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(ref, -1))
+  np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------
+# Bits
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", ODD_K)
+def test_pack_unpack_round_trip_and_layout(k):
+  bits = np.random.default_rng(k).uniform(size=(3, 2, k)) < 0.5
+  words = inference.pack_bits(bits)
+  assert words.dtype == np.uint32 and words.shape == (3, 2, -(-k // 32))
+  # Entry 32 i + j is bit j of word i, tail bits 0: numpy's little-endian bit order.
+  padded = np.pad(bits, ((0, 0), (0, 0), (0, 32 * words.shape[-1] - k)))
+  np.testing.assert_array_equal(words, np.packbits(padded, -1, "little").view("<u4"))
+  np.testing.assert_array_equal(inference.pack_bits(jnp.asarray(bits)), words)
+  np.testing.assert_array_equal(inference.unpack_bits(jnp.asarray(words), k), bits)
+  # Along another axis.
+  moved = inference.pack_bits(np.moveaxis(bits, -1, 0), axis=0)
+  np.testing.assert_array_equal(np.moveaxis(moved, 0, -1), words)
+  np.testing.assert_array_equal(inference.unpack_bits(moved, k, axis=0), np.moveaxis(bits, -1, 0))
+
+
+def test_unpack_rejects_a_length_that_does_not_fit():
+  words = np.zeros((2, 2), np.uint32)
+  with pytest.raises(ValueError, match="length=65 does not fit 2 words"):
+    inference.unpack_bits(words, 65)
+  with pytest.raises(ValueError, match="uint32 is required"):
+    inference.unpack_bits(words.astype(np.int32), 40)
+
+
+@pytest.mark.parametrize("k", ODD_K + (577,))
+def test_popcount_dot_equals_the_plus_minus_one_dot(k):
+  rng = np.random.default_rng(k)
+  a = np.where(rng.uniform(size=(5, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+  w = np.where(rng.uniform(size=(7, k)) < 0.5, -1.0, 1.0).astype(np.float32)
+  got = inference.binary_dense(jnp.asarray(a) < 0, inference.pack_bits(w < 0))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, (a @ w.T).astype(np.int32))
+  np.testing.assert_array_equal(inference.xnor_dot(inference.pack_bits(a < 0),
+                                                   inference.pack_bits(w < 0), k), a @ w.T)
+
+
+@pytest.mark.parametrize("channels,kernel,strides,padding", [
+    (3, 3, 1, 1), (45, 3, 2, 1), (32, 3, 1, 1), (64, 3, 2, "SAME"), (33, 1, 2, 0),
+    (5, 5, 1, 2), (16, 3, 2, "VALID"), (7, 3, 1, ((2, 0), (1, 3))),
+])
+def test_binary_conv_handles_zero_padding_exactly(channels, kernel, strides, padding):
+  """The packed conv equals a float conv of +-1 values with 0-padding, integer for integer."""
+  rng = np.random.default_rng(channels)
+  x = np.where(rng.uniform(size=(2, 7, 6, channels)) < 0.5, -1.0, 1.0).astype(np.float32)
+  w = np.where(rng.uniform(size=(kernel, kernel, channels, 5)) < 0.5, -1.0, 1.0).astype(np.float32)
+  ks, st = (kernel, kernel), (strides, strides)
+  pads = (jax.lax.padtype_to_pads(x.shape[1:3], ks, st, padding) if isinstance(padding, str)
+          else padding if isinstance(padding, tuple) else ((padding, padding),) * 2)
+  ref = jax.lax.conv_general_dilated(x, w, st, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  packed = inference.pack_bits((w < 0).reshape(-1, 5).T)
+  conv = jax.jit(inference.binary_conv, static_argnums=(2, 3, 4))
+  got = conv(jnp.asarray(x) < 0, packed, ks, st, tuple(map(tuple, pads)))
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, np.asarray(ref).astype(np.int32))
+
+
+# --------------------------------------------------------------------------
+# Round trips: model -> file -> logits
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", models.NAMES)
+def test_every_model_round_trips_to_its_eval_logits(name):
+  """ResNet-34 is only traced (its blocks are ResNet-18's), the others run."""
+  model, variables, packed = _exported(name)
+  if name == "resnet34":
+    logits = inference.Predictor(export.from_bytes(export.to_bytes(packed))).check(_shape(name))
+    assert logits.shape == (1, 10) and logits.dtype == jnp.float32
+  else:
+    _assert_same_logits(model, variables, packed, _images(_shape(name)))
+  layers = packed.header["layers"]
+  assert layers and all(e["binary_input"] for e in layers.values())
+  assert not any(k.startswith("float/params/" + p + "/") for k in packed.arrays for p in layers)
+
+
+@pytest.mark.parametrize("quantizer", BINARY_QUANTIZERS)
+def test_every_binary_quantizer_round_trips(quantizer):
+  quantization = dict(kernel_quantizer=quantizer, input_quantizer=quantizer, scaling="mean_abs")
+  model, variables, packed = _exported("tiny_cnn", **quantization)
+  _assert_same_logits(model, variables, packed, _images(_shape("tiny_cnn"), batch=4))
+  assert {e["kernel_quantizer"]["name"] for e in packed.header["layers"].values()} == {quantizer}
+
+
+@pytest.mark.parametrize("quantization,packed_layers", [
+    (dict(kernel_quantizer="biper", input_quantizer="identity", scaling="none"), 2),  # mixed
+    (dict(kernel_quantizer="biper_sine", input_quantizer="approx_sign"), 0),  # not binary
+])
+def test_mixed_and_float_kernels_round_trip(quantization, packed_layers):
+  model, variables, packed = _exported("tiny_cnn", **quantization)
+  _assert_same_logits(model, variables, packed, _images(_shape("tiny_cnn")))
+  assert len(packed.header["layers"]) == packed_layers
+  assert not any(e["binary_input"] for e in packed.header["layers"].values())
+
+
+def test_batch_norm_after_max_pool_is_folded_only_when_exact():
+  """VGG-Small pools between conv and BN: max commutes with the BN only for m >= 0."""
+  folded = {e["folded_bn"] for e in _exported("vgg_small")[2].header["layers"].values()}
+  assert None not in folded and len(folded) == 5
+  model, variables, packed = _exported("vgg_small", negative_bn_scales=0.1)
+  layers = packed.header["layers"]
+  pooled = {p for p, e in layers.items() if int(p[len("conv")]) % 2 == 1}
+  assert pooled == {"conv1/conv", "conv3/conv", "conv5/conv"}
+  assert all(layers[p]["folded_bn"] is None for p in pooled)
+  assert all(layers[p]["folded_bn"] for p in set(layers) - pooled)
+  assert all(f"float/batch_stats/{p[:-len('conv')]}bn/mean" in packed.arrays for p in pooled)
+  _assert_same_logits(model, variables, packed, _images((32, 32, 3)))
+
+
+def test_fda_batch_norm_after_prelu_is_not_folded():
+  layers = _exported("resnet20_fda")[2].header["layers"]
+  assert len(layers) == 18 and all(e["folded_bn"] is None for e in layers.values())
+
+
+def test_resnet18_cifar_file_is_at_most_a_twentieth_of_float32():
+  sizes = _exported("resnet18_cifar")[2].sizes()
+  assert sizes["float32_param_bytes"] == 4 * 11_005_002
+  assert sizes["ratio"] <= 1 / 20, sizes
+
+
+def test_checkpoint_round_trip(tmp_path):
+  """A tiny training run's checkpoint -> file (library and command line) -> logits."""
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "tiny.fbj")
+  config = tiny.get_config()
+  train.train_and_evaluate(config, workdir)
+  report = export.export_checkpoint(workdir, out, "best")
+  assert report["model"] == "tiny_cnn" and report["step"] in (8, 16) and report["ratio"] < 1
+  assert report["checkpoint_bytes"] > report["file_bytes"] == os.path.getsize(out)
+  model, variables, shape, step = export.restore(workdir, "best")
+  assert step == report["step"]
+  packed = export.load(out)
+  assert packed.header["model"] == models.config(model)
+  assert tuple(packed.header["input_shape"]) == shape == tuple(config.synthetic.image_shape)
+  info, _, (images, _) = train.load_data(config)
+  _assert_same_logits(model, variables, packed, data.normalize(images, info))  # every test image
+
+  cli = str(tmp_path / "cli.fbj")
+  run = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir", workdir,
+                        "--out", cli, "--which", "latest"], cwd=ROOT, capture_output=True,
+                       text=True, check=False)
+  assert run.returncode == 0, run.stderr
+  assert "exported tiny_cnn (latest checkpoint, step 16)" in run.stdout
+  assert export.load(cli).arrays.keys() == packed.arrays.keys()
+
+
+def test_export_argument_errors(tmp_path):
+  with pytest.raises(ValueError, match="which='last' is not allowed"):
+    export.restore(str(tmp_path), "last")
+  with pytest.raises(ValueError, match="holds no checkpoints/ folder"):
+    export.restore(str(tmp_path), "latest")
+  assert not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------
+# Bad files
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_file():
+  return export.to_bytes(_exported("tiny_cnn")[2])
+
+
+def _resave(packed, header=None, arrays=None):
+  return export.to_bytes(dataclasses.replace(packed, header=header or packed.header,
+                                             arrays=arrays or packed.arrays))
+
+
+def test_valid_file_loads_from_disk(tmp_path, tiny_file):
+  path = str(tmp_path / "net.fbj")
+  export.save(export.from_bytes(tiny_file), path)
+  assert open(path, "rb").read() == tiny_file
+  assert json.loads(tiny_file[48:48 + int.from_bytes(tiny_file[8:16], "little")])["version"] == 1
+
+
+@pytest.mark.parametrize("cut", [4, 30, 60, -1000, -1])
+def test_truncated_file_is_rejected(tiny_file, cut):
+  with pytest.raises(ValueError, match="truncated"):
+    export.from_bytes(tiny_file[:cut])
+
+
+def test_extended_file_is_rejected(tiny_file):
+  with pytest.raises(ValueError, match="too long"):
+    export.from_bytes(tiny_file + b"\0")
+
+
+@pytest.mark.parametrize("where,match", [(100, "header fails its SHA-256"),
+                                         (-5, "fails its SHA-256 checksum")])
+def test_tampered_file_is_rejected(tiny_file, where, match):
+  data = bytearray(tiny_file)
+  data[where] ^= 0x01
+  with pytest.raises(ValueError, match=match):
+    export.from_bytes(bytes(data))
+
+
+def test_wrong_magic_is_rejected(tiny_file):
+  with pytest.raises(ValueError, match="not a fda_biper_jax.packed file"):
+    export.from_bytes(b"PK\x03\x04" + tiny_file[4:])
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"version": 2}, r"format version 2 is not supported; supported: \[1\]"),
+    ({"format": "other"}, "format='other' is not supported"),
+])
+def test_wrong_version_or_format_is_rejected(change, match):
+  packed = _exported("tiny_cnn")[2]
+  with pytest.raises(ValueError, match=match):
+    export.from_bytes(_resave(packed, header={**packed.header, **change}))
+
+
+def _with_array(packed, name, value):
+  return _resave(packed, arrays={**packed.arrays, name: value})
+
+
+def test_inconsistent_files_are_rejected():
+  packed = _exported("tiny_cnn")[2]
+  kernel = packed.arrays["packed/unit1/conv/kernel"]
+  cases = [
+      (_with_array(packed, "packed/unit1/conv/kernel", kernel[:, :-1]),
+       r"'packed/unit1/conv/kernel' is uint32 \[32, 4\]; layer unit1/conv needs uint32 \[32, 5\]"),
+      (_with_array(packed, "packed/unit1/conv/scale", np.ones(31, np.float32)),
+       "layer unit1/conv needs float32"),
+      (_with_array(packed, "packed/unit1/conv/kernel", kernel | np.uint32(1 << 31)),
+       "unused tail bits of its packed kernel are not 0"),
+      (_with_array(packed, "stray", np.ones(1, np.float32)), "belong to no packed layer"),
+      (_with_array(packed, "float/params/stem/conv/kernel", np.ones((3, 3, 3, 8), np.float32)),
+       "the exported arrays do not fit TinyCNN"),
+      (_resave(packed, arrays={k: v for k, v in packed.arrays.items()
+                               if k != "float/params/head/fc/bias"}),
+       "the exported arrays do not fit TinyCNN"),
+  ]
+  layers = dict(packed.header["layers"])
+  layers["unit9/conv"] = layers["unit1/conv"]
+  arrays = {**packed.arrays, **{f"packed/unit9/conv/{k}": packed.arrays[f"packed/unit1/conv/{k}"]
+                                for k in ("kernel", "scale", "bias")}}
+  cases.append((_resave(packed, {**packed.header, "layers": layers}, arrays),
+                r"exported layers \['unit9/conv'\] are not in TinyCNN"))
+  entry = dict(layers["unit1/conv"], kernel_shape=[3, 3, 8, 32], reduction=72)
+  short = np.concatenate([kernel[:, :2], kernel[:, 2:3] & np.uint32(0xFF)], axis=1)
+  arrays = {**packed.arrays, "packed/unit1/conv/kernel": short}
+  cases.append((_resave(packed, {**packed.header, "layers": {**packed.header["layers"],
+                                                               "unit1/conv": entry}}, arrays),
+                r"layer unit1/conv: the exported kernel shape \(3, 3, 8, 32\) does not fit"))
+  for data, match in cases:
+    with pytest.raises(ValueError, match=match):
+      export.from_bytes(data)
+
+
+# --------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------
+
+
+def test_benchmark_writes_a_well_formed_table(tmp_path, capsys):
+  out = str(tmp_path / "bench.json")
+  assert bench.main(["--models", "tiny_cnn", "--batch-sizes", "3", "--windows", "2",
+                     "--min-window-s", "0", "--json", out]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("| backend | model | batch |") and lines[1].startswith("|---|")
+  assert lines[2].startswith("| cpu | tiny_cnn | 3 |") and lines[2].count("|") == 9
+  assert lines[4].startswith("| model |") and lines[6].startswith("| tiny_cnn | ")
+  assert lines[6].count("|") == 5 and "| 1/" in lines[6]
+  results = json.load(open(out))
+  assert [r["batch"] for r in results["rows"]] == [3]
+  for r in results["rows"]:
+    assert r["predictions_agree"] and r["float_ms"] > 0 and r["packed_ms"] > 0
+    assert r["packed_images_per_s"] == pytest.approx(1e3 * r["batch"] / r["packed_ms"])
+  assert results["sizes"][0]["model"] == "tiny_cnn" and results["sizes"][0]["ratio"] < 1
