@@ -1,0 +1,441 @@
+"""Training-step cost of every quantizer against its full-precision twin.
+
+  python -m benchmarks.train_step [--models resnet20,resnet18_cifar,vgg_small]
+      [--quantizers identity,ste,approx_sign,fda,fda_no_noise,biper,bnn_pp]
+      [--batch_size 128] [--dtype float32|bfloat16] [--repeats 5] [--window_steps 5]
+      [--num_devices N] [--image_shape H,W,C] [--json runs/benchmarks/train_step.json]
+
+Each configuration is a training run's own: its config comes from
+`experiments/configs/recipes.py` (`full_precision` for the identity twin, the
+straight-through `baseline`s ste, approx_sign and bnn_pp, `fda` with and
+without its noise adaptation modules, `biper` stage 2), with only the data
+(`train.load_data` on synthetic images of the model's input shape), the batch
+size, the compute dtype and the devices replaced. The step is
+`train.make_train_step` (augmentation, model, loss, regulariser, SGD and
+schedules) on the global uint8 batch `parallel.host_batch_gatherer` draws, as
+in `train.train_and_evaluate`; a timed step is the trainer's loop body, gather
+then step. Per configuration:
+
+* compile: seconds to lower and compile the step ahead of time
+  (`jit(step).lower(...).compile()`); the compiled step is the one timed;
+* step: after one warm-up step, `--repeats` windows of `--window_steps` steps,
+  each ending with `jax.block_until_ready`; the median window's seconds per
+  step, and images/s. The windows are interleaved: each repeat times every
+  configuration of a model once, round-robin (the starting one rotates), so
+  load changes on a shared machine hit all of them alike and the ratios hold
+  better than the absolute times;
+* vs FP: the median over the repeats of the step time over the identity
+  twin's in the same repeat (the twin is always measured), against the
+  target: at most 1.10x on CPU, 1.05x on an accelerator, 1.25x for FDA with
+  its noise modules;
+* CPU ms/step and vs FP (CPU time): the same from this process's CPU time
+  (`time.process_time`, all threads). On a shared CPU the wall-clock windows
+  swing with the other processes' load (2x from one window to the next was
+  seen), while the CPU time a step takes barely moves: its ratio measures the
+  extra work a quantizer adds, the wall-clock one what a user waits. It
+  misses a loss of parallelism (a serial fusion costs the same CPU time) and
+  counts idle worker threads' spinning. On an accelerator the CPU time is the
+  host's alone, so no ratio is given;
+* model GFLOP/s: 2 FLOPs per multiply-accumulate of `summary.summarize`'s
+  count, times 3 for forward and backward (the backward pass of a conv or
+  dense layer is two products of the forward's size, one for the input's
+  gradient and one for the kernel's), times the batch, over the step time.
+  An approximation: it leaves out BatchNorm, the quantizers, the noise
+  adapters and the optimizer. XLA's own count of the compiled program,
+  `cost_analysis()` (per device, summed over the devices), is given beside
+  it, with its transcendental operations (sin, cos, exp, ...), where the
+  quantizers show;
+* memory: XLA's buffer assignment of the compiled step (arguments + outputs +
+  temporaries - donated aliases), on every backend. The device's own peak,
+  `device.memory_stats()['peak_bytes_in_use']`, is a maximum over the whole
+  process, so it is reported once per run; the CPU backend reports none
+  (`memory_stats()` is None).
+
+The input pipeline alone, per model: gather + augment + normalize as the step
+does them before the model (same key folding, padding and flip), timed in the
+same interleaved windows. "input share" is its time over a full step's; the
+pipeline should deliver at least 10x the images/s of the model's fastest step.
+
+Findings (CPU, resnet20, batch 128, float32; 2 shared cores, so timings are
+noisy):
+
+* FDA is the one quantizer over its target, with or without the noise
+  modules. XLA does fuse it: each binarized activation's backward is one
+  elementwise loop fusion (the series together with BatchNorm's and the
+  clip's backward), each kernel's one small fusion; the series is not many
+  ops, it is much arithmetic. `quantizers.fda_series_derivative` sums
+  max_terms + 1 = 19 cosines per element (n_terms is traced, so terms above
+  it are masked, not skipped): XLA counts about 5e8 transcendental operations
+  per step against about 2e3 for the twin, next to 3.0e10 FLOPs of
+  convolutions, and a vectorised float32 cosine costs tens of FLOPs on CPU.
+  Library-side fix (reported, not made here): the closed form
+  sum_{i=0..n} cos((2i+1) t) = sin(2 (n+1) t) / (2 sin t) (the limit n+1 at
+  t = 0; with omega = 0.1 and clip = 1, |t| <= 0.1), or the Chebyshev
+  recurrence c_{i+1} = 2 cos(2t) c_i - c_{i-1}, take two transcendentals per
+  element instead of 19 for any traced n <= max_terms.
+* The noise adapters add little on top: one bias-free MLP per layer input
+  (relu(t W1) W2, hidden width max(d // 64, 4) = 4 for resnet20) and sin(t)
+  per activation, both fused into neighbouring ops.
+* The other quantizers cost about what their recipes add to the twin (sign
+  and its surrogate, fused into the neighbouring BatchNorm/convolution
+  fusions; mean|W| scaling; BiPer's sin, cos and sin^2 on the kernels only,
+  plus the per-sample prenorm) and fall within noise of their target.
+* The input pipeline is far from limiting on CPU: a small share of a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import itertools
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import numpy as np
+
+from experiments.configs import recipes
+from fda_biper_jax import data as data_lib
+from fda_biper_jax import models, parallel, schedules, summary, train
+
+REFERENCE = "identity"
+DEFAULT_MODELS = ("resnet20", "resnet18_cifar", "vgg_small")
+ACCELERATOR_MODELS = ("resnet18",)  # at 224x224x3: only where an accelerator is present
+NUM_CLASSES = 10
+CPU_TARGET = 1.10
+ACCELERATOR_TARGET = 1.05
+TARGETS = {"fda": 1.25}  # FDA with its noise modules, on every backend
+PIPELINE_TARGET = 10.0   # pipeline images/s over the fastest step's, at least
+MIB = 2 ** 20
+
+
+def _fda_without_noise(model: str):
+  c = recipes.fda(model)
+  c.quantization.kernel_noise = None
+  c.quantization.input_noise = None
+  return c
+
+
+def _biper(model: str):
+  c = recipes.biper(model, "stage2")
+  c.init_from = ""  # a fresh start: the step is the same with stage 1's weights
+  return c
+
+
+# name -> model -> the recipe's training config
+RECIPES: dict[str, Callable[[str], Any]] = {
+    "identity": recipes.full_precision,
+    "ste": functools.partial(recipes.baseline, "ste"),
+    "approx_sign": functools.partial(recipes.baseline, "approx_sign"),
+    "fda": recipes.fda,
+    "fda_no_noise": _fda_without_noise,
+    "biper": _biper,
+    "bnn_pp": functools.partial(recipes.baseline, "bnn_pp"),
+}
+
+
+def target(quantizer: str, backend: str) -> float | None:
+  """The largest allowed step-time ratio to the twin (None for the twin)."""
+  if quantizer == REFERENCE:
+    return None
+  return TARGETS.get(quantizer, CPU_TARGET if backend == "cpu" else ACCELERATOR_TARGET)
+
+
+def benchmark_config(model: str, quantizer: str, *, batch_size: int, dtype: str,
+                     image_shape: Sequence[int]):
+  """The recipe's config with the benchmark's data (two batches), batch and dtype."""
+  c = RECIPES[quantizer](model)
+  c.dataset = "synthetic"
+  c.synthetic.image_shape = tuple(image_shape)
+  c.synthetic.num_classes = NUM_CLASSES
+  c.synthetic.num_train, c.synthetic.num_test = 2 * batch_size, 0
+  c.batch_size, c.compute_dtype = batch_size, dtype
+  return c
+
+
+class Case:
+  """One timed loop: `run(n)` takes the next n steps, then waits for the last."""
+
+  def __init__(self, name: str, body: Callable[[int], Any], measured: dict[str, Any]):
+    self.name, self.body, self.measured = name, body, measured
+    self.counter = itertools.count()
+
+  def run(self, steps: int) -> None:
+    out = None
+    for _ in range(steps):
+      out = self.body(next(self.counter))
+    jax.block_until_ready(out)
+
+
+def _inputs(config, mesh):
+  """(info, batch(i)): the trainer's data on device and its i-th global uint8 batch."""
+  info, (images, labels), _ = train.load_data(config)
+  host_batch = config.batch_size // jax.process_count()
+  perm = data_lib.epoch_permutation(jax.random.key(config.seed), images.shape[0], host_batch)
+  data = parallel.replicate_local((images, labels), mesh)
+  gather = parallel.host_batch_gatherer(mesh)
+  return info, lambda i: gather(*data, perm[i % perm.shape[0]])
+
+
+def train_case(name: str, config, mesh) -> Case:
+  """The compiled training step of `config`, with its compile time, memory and FLOPs."""
+  train.validate(config, mesh)
+  info, batch = _inputs(config, mesh)
+  model = models.create(config.model, info.num_classes,
+                        dtype=train.COMPUTE_DTYPES[config.compute_dtype],
+                        axis_name=parallel.AXIS, **train.quantization(config))
+  sched = schedules.from_config(config, info.num_train // config.batch_size)
+  tx = train.make_optimizer(config, sched.learning_rate)
+  key = jax.random.key(config.seed)
+  state = parallel.replicate(train.create_state(model, tx, key, info.image_shape), mesh)
+  step = train.make_train_step(model, tx, sched, mesh, info, config.crop_pad, config.flip)
+  start = time.perf_counter()
+  lowered = step.lower(state, *batch(0), key)
+  lowered_at = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  # XLA counts the per-device program: summed over the devices, a step's work.
+  cost = {k: v * mesh.size for k, v in (compiled.cost_analysis() or {}).items()
+          if k in ("flops", "transcendentals", "bytes accessed")}
+  mem = compiled.memory_analysis()
+  macs = summary.summarize(model, info.image_shape).totals.macs
+
+  def body(i):
+    nonlocal state
+    state, metrics = compiled(state, *batch(i), key)
+    return state, metrics
+
+  return Case(name, body, {
+      "quantization": train.quantization(config), "compute_dtype": config.compute_dtype,
+      "lower_s": lowered_at - start, "compile_s": compiled_at - lowered_at,
+      "model_macs_per_example": int(macs),
+      "model_flops_per_step": 2 * 3 * int(macs) * config.batch_size,
+      "xla_flops_per_step": cost.get("flops"),
+      "xla_transcendentals_per_step": cost.get("transcendentals"),
+      "xla_bytes_accessed_per_step": cost.get("bytes accessed"),
+      "xla_memory_bytes": None if mem is None else int(
+          mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes)})
+
+
+def pipeline_case(config, mesh) -> Case:
+  """The step's input side alone: gather, then augment and normalize as the step does."""
+  info, batch = _inputs(config, mesh)
+  key = jax.random.key(config.seed)
+  preprocess = jax.jit(lambda images, step: data_lib.normalize(data_lib.augment(
+      jax.random.fold_in(key, step), images, pad=config.crop_pad, flip=config.flip), info))
+  return Case("pipeline", lambda i: preprocess(batch(i)[0], i), {})
+
+
+def time_interleaved(cases: Sequence[Case], repeats: int, window_steps: int
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+  """(wall, cpu): seconds per step of every case in each window, after one warm-up step.
+
+  Each repeat times one window of every case, round-robin, starting one case
+  further along each time; cpu is this process's CPU time (all its threads).
+  """
+  for case in cases:
+    case.run(1)
+  wall: dict[str, list[float]] = {case.name: [] for case in cases}
+  cpu: dict[str, list[float]] = {case.name: [] for case in cases}
+  for r in range(repeats):
+    k = r % len(cases)
+    for case in [*cases[k:], *cases[:k]]:
+      start, start_cpu = time.perf_counter(), time.process_time()
+      case.run(window_steps)
+      wall[case.name].append((time.perf_counter() - start) / window_steps)
+      cpu[case.name].append((time.process_time() - start_cpu) / window_steps)
+  return wall, cpu
+
+
+def benchmark_model(model: str, quantizers: Sequence[str], mesh, *, batch_size: int,
+                    dtype: str, image_shape: Sequence[int] | None, repeats: int,
+                    window_steps: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """(rows, pipeline) of one model: every quantizer's step and the input pipeline."""
+  shape = tuple(image_shape or summary.default_input_shape(model))
+  configs = {q: benchmark_config(model, q, batch_size=batch_size, dtype=dtype,
+                                 image_shape=shape) for q in quantizers}
+  cases = [train_case(q, c, mesh) for q, c in configs.items()]
+  pipe = pipeline_case(configs[REFERENCE], mesh)
+  wall, cpu = time_interleaved([*cases, pipe], repeats, window_steps)
+  times = {k: float(np.median(v)) for k, v in wall.items()}
+  backend = mesh.devices.flat[0].platform
+
+  def paired(windows: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over the repeats of a's window time over b's in the same repeat."""
+    return float(np.median(np.divide(windows[a], windows[b])))
+
+  rows = []
+  for case in cases:
+    t = times[case.name]
+    ratio = paired(wall, case.name, REFERENCE)
+    # Host CPU time is the step's work on the CPU backend only.
+    cpu_ratio = paired(cpu, case.name, REFERENCE) if backend == "cpu" else None
+    bound = target(case.name, backend)
+    rows.append({
+        "model": model, "quantizer": case.name, "image_shape": list(shape),
+        "batch_size": batch_size, **case.measured,
+        "step_s": t, "step_s_windows": wall[case.name], "images_per_s": batch_size / t,
+        "cpu_s": float(np.median(cpu[case.name])), "cpu_s_windows": cpu[case.name],
+        "ratio_to_fp": ratio, "cpu_ratio_to_fp": cpu_ratio, "target": bound,
+        "within_target": None if bound is None else ratio <= bound,
+        "cpu_within_target": None if bound is None or cpu_ratio is None else cpu_ratio <= bound,
+        "model_flops_per_s": case.measured["model_flops_per_step"] / t,
+        "input_share": paired(wall, "pipeline", case.name)})
+  fastest = max(r["images_per_s"] for r in rows)
+  speedup = batch_size / times["pipeline"] / fastest
+  pipeline = {"model": model, "image_shape": list(shape), "batch_size": batch_size,
+              "batch_s": times["pipeline"], "images_per_s": batch_size / times["pipeline"],
+              "fastest_step_images_per_s": fastest, "speedup_over_step": speedup,
+              "target": PIPELINE_TARGET, "within_target": speedup >= PIPELINE_TARGET}
+  return rows, pipeline
+
+
+def device_peak_bytes(mesh) -> int | None:
+  """The largest `peak_bytes_in_use` of the mesh's devices; None if none reports it."""
+  stats = [d.memory_stats() for d in mesh.devices.flat]
+  peaks = [s["peak_bytes_in_use"] for s in stats if s and "peak_bytes_in_use" in s]
+  return max(peaks) if peaks else None
+
+
+def run(model_names: Sequence[str], quantizers: Sequence[str], *, batch_size: int = 128,
+        dtype: str = "float32", repeats: int = 5, window_steps: int = 5,
+        num_devices: int | None = None, image_shape: Sequence[int] | None = None,
+        command: str = "") -> dict[str, Any]:
+  """Measures every model with every quantizer (and the identity twin); returns the results."""
+  mesh = parallel.make_mesh(num_devices)
+  quantizers = [REFERENCE, *(q for q in quantizers if q != REFERENCE)]
+  load = os.getloadavg()
+  rows, pipelines = [], []
+  for name in model_names:
+    r, p = benchmark_model(name, quantizers, mesh, batch_size=batch_size, dtype=dtype,
+                           image_shape=image_shape, repeats=repeats, window_steps=window_steps)
+    rows += r
+    pipelines.append(p)
+  device = mesh.devices.flat[0]
+  return {
+      "date": datetime.datetime.now().isoformat(timespec="seconds"),
+      "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+                 f"load average {load[0]:.1f} at start",
+      "backend": device.platform, "device": device.device_kind, "num_devices": mesh.size,
+      "jax": jax.__version__, "flax": flax.__version__, "command": command,
+      "settings": {"models": list(model_names), "quantizers": quantizers,
+                   "batch_size": batch_size, "dtype": dtype, "repeats": repeats,
+                   "window_steps": window_steps, "warmup_steps": 1,
+                   "image_shape": None if image_shape is None else list(image_shape)},
+      "device_peak_bytes": device_peak_bytes(mesh),
+      "rows": rows, "pipeline": pipelines}
+
+
+def _fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
+  return "n/a" if value is None else format(value * scale, spec) + unit
+
+
+def format_table(results: dict[str, Any]) -> str:
+  """Markdown: the header, the step table, the input pipeline table and the notes."""
+  s = results["settings"]
+  peak = results["device_peak_bytes"]
+  lines = [
+      f"Training step, {results['date']}: {results['machine']}; {results['num_devices']} x "
+      f"{results['device']} ({results['backend']}); JAX {results['jax']}, "
+      f"Flax {results['flax']}.", "",
+      f"Command: `{results['command']}`", "",
+      f"Batch {s['batch_size']} (global), {s['dtype']}; median of {s['repeats']} interleaved "
+      f"windows of {s['window_steps']} steps after {s['warmup_steps']} warm-up step. "
+      "Timings on a shared machine are noisy: compare the ratios, measured in the same "
+      "windows, rather than the absolute times.", "",
+      "| model | quantizer | compile (s) | step (ms) | images/s | vs FP | CPU ms/step "
+      "| vs FP (CPU time) | target | model GFLOP/s | XLA GFLOP/step | transcendentals/step "
+      "| XLA memory (MiB) | input share |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results["rows"]:
+    bound = "reference"
+    if r["target"] is not None:
+      verdicts = [f"{'ok' if r['within_target'] else 'OVER'}"]
+      if r["cpu_within_target"] is not None:
+        verdicts = [f"wall {verdicts[0]}", f"CPU {'ok' if r['cpu_within_target'] else 'OVER'}"]
+      bound = f"<= {r['target']:.2f}x: {', '.join(verdicts)}"
+    lines.append(
+        f"| {r['model']} | {r['quantizer']} | {r['lower_s'] + r['compile_s']:.1f} "
+        f"| {1e3 * r['step_s']:.1f} | {r['images_per_s']:,.1f} | {r['ratio_to_fp']:.2f}x "
+        f"| {1e3 * r['cpu_s']:.1f} | {_fmt(r['cpu_ratio_to_fp'], '.2f', unit='x')} "
+        f"| {bound} | {r['model_flops_per_s'] / 1e9:.1f} "
+        f"| {_fmt(r['xla_flops_per_step'], '.3g', 1e-9)} "
+        f"| {_fmt(r['xla_transcendentals_per_step'], '.3g')} "
+        f"| {_fmt(r['xla_memory_bytes'], ',.1f', 1 / MIB)} | {100 * r['input_share']:.1f}% |")
+  lines += ["", "| model | image shape | input pipeline (ms/batch) | pipeline images/s "
+            "| fastest step images/s | pipeline / step | target |", "|---|---|---|---|---|---|---|"]
+  for p in results["pipeline"]:
+    lines.append(
+        f"| {p['model']} | {'x'.join(map(str, p['image_shape']))} | {1e3 * p['batch_s']:.2f} "
+        f"| {p['images_per_s']:,.0f} | {p['fastest_step_images_per_s']:,.1f} "
+        f"| {p['speedup_over_step']:.1f}x "
+        f"| >= {p['target']:.0f}x {'ok' if p['within_target'] else 'UNDER'} |")
+  lines += ["", "Model GFLOP/s: 2 FLOPs per MAC of `summary.summarize`, x3 for forward + "
+            "backward (an approximation), x batch, over the step time. XLA GFLOP/step and "
+            "transcendentals/step: XLA's count of the compiled program, summed over the "
+            "devices; XLA memory: arguments + outputs + temporaries - donated, per device. "
+            "Input share: gather + augment + normalize alone, over a full step. CPU ms/step: this "
+            "process's CPU time (all threads), robust to other processes' load.",
+            "Peak device memory (`device.memory_stats()`): "
+            + (f"{peak / MIB:,.0f} MiB over the whole run." if peak is not None else
+               f"not reported by the {results['backend']} backend (memory_stats() is None).")]
+  return "\n".join(lines)
+
+
+def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+  def parse(text: str) -> list[str]:
+    names = text.split(",")
+    bad = [n for n in names if n not in allowed]
+    if bad:
+      raise argparse.ArgumentTypeError(f"unknown names {bad}; allowed: {list(allowed)}")
+    return names
+  return parse
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  p = argparse.ArgumentParser(prog="python -m benchmarks.train_step",
+                              description="Training-step cost of each quantizer against "
+                                          "its full-precision twin.")
+  default_models = [*DEFAULT_MODELS, *(ACCELERATOR_MODELS if jax.default_backend() != "cpu"
+                                       else ())]
+  p.add_argument("--models", type=_names(models.NAMES), default=default_models)
+  p.add_argument("--quantizers", type=_names(tuple(RECIPES)), default=list(RECIPES),
+                 help="the identity twin is always measured too")
+  p.add_argument("--batch_size", type=summary._positive_int, default=128)
+  p.add_argument("--dtype", choices=tuple(train.COMPUTE_DTYPES), default="float32")
+  p.add_argument("--repeats", type=summary._positive_int, default=5)
+  p.add_argument("--window_steps", type=summary._positive_int, default=5)
+  p.add_argument("--num_devices", type=summary._positive_int, default=None,
+                 help="default: all devices")
+  p.add_argument("--image_shape", type=summary._parse_shape, default=None,
+                 help="H,W,C for every model (default: each model's own, "
+                      "224x224x3 for the ImageNet models, else 32x32x3)")
+  p.add_argument("--json", default="runs/benchmarks/train_step.json",
+                 help="where the results go as JSON")
+  args = p.parse_args(argv)
+  try:
+    results = run(args.models, args.quantizers, batch_size=args.batch_size, dtype=args.dtype,
+                  repeats=args.repeats, window_steps=args.window_steps,
+                  num_devices=args.num_devices, image_shape=args.image_shape,
+                  command=f"{p.prog} {shlex.join(argv)}".strip())
+  except ValueError as e:
+    print(f"{p.prog}: error: {e}", file=sys.stderr)
+    return 2
+  print(format_table(results))
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, "w") as f:
+    json.dump(results, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
