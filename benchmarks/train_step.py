@@ -56,31 +56,50 @@ does them before the model (same key folding, padding and flip), timed in the
 same interleaved windows. "input share" is its time over a full step's; the
 pipeline should deliver at least 10x the images/s of the model's fastest step.
 
-Findings (CPU, resnet20, batch 128, float32; 2 shared cores, so timings are
-noisy):
+Findings (CPU, resnet20, batch 128, float32, JAX 0.10.2, 2026-11-23; two
+shared cores, so every figure is noisy; per-op shares from
+`jax.profiler.trace`, op counts from the compiled HLO):
 
-* FDA is the one quantizer over its target, with or without the noise
-  modules. XLA does fuse it: each binarized activation's backward is one
-  elementwise loop fusion (the series together with BatchNorm's and the
-  clip's backward), each kernel's one small fusion; the series is not many
-  ops, it is much arithmetic. `quantizers.fda_series_derivative` sums
-  max_terms + 1 = 19 cosines per element (n_terms is traced, so terms above
-  it are masked, not skipped): XLA counts about 5e8 transcendental operations
-  per step against about 2e3 for the twin, next to 3.0e10 FLOPs of
-  convolutions, and a vectorised float32 cosine costs tens of FLOPs on CPU.
-  Library-side fix (reported, not made here): the closed form
-  sum_{i=0..n} cos((2i+1) t) = sin(2 (n+1) t) / (2 sin t) (the limit n+1 at
-  t = 0; with omega = 0.1 and clip = 1, |t| <= 0.1), or the Chebyshev
-  recurrence c_{i+1} = 2 cos(2t) c_i - c_{i-1}, take two transcendentals per
-  element instead of 19 for any traced n <= max_terms.
-* The noise adapters add little on top: one bias-free MLP per layer input
-  (relu(t W1) W2, hidden width max(d // 64, 4) = 4 for resnet20) and sin(t)
-  per activation, both fused into neighbouring ops.
-* The other quantizers cost about what their recipes add to the twin (sign
-  and its surrogate, fused into the neighbouring BatchNorm/convolution
-  fusions; mean|W| scaling; BiPer's sin, cos and sin^2 on the kernels only,
-  plus the per-sample prenorm) and fall within noise of their target.
-* The input pipeline is far from limiting on CPU: a small share of a step.
+* XLA:CPU spends about half of every step, the twin's included, in
+  `transpose_copy` loop fusions: each convolution input is recomputed
+  (BatchNorm, activation, quantizer) and written transposed, [C, H, W, N],
+  for the weight-gradient convolution (a YNNPACK fusion), a strided,
+  memory-bound loop of 0.1-0.3 s per 2M-element tensor (twin: 59% of the
+  step, the convolutions 33%). Whether XLA emits them depends on the fusions
+  around each convolution input, which the quantizer changes: with FDA's
+  noise adapters (a per-pixel matmul reading the same activation) they drop
+  to about 0.06 s per step, so FDA with noise ran at 0.91-1.05x of the twin
+  while FDA without noise ran at 1.11-1.21x (four runs). On CPU a ratio
+  thus reflects XLA's layout choices as well as the quantizer's own
+  arithmetic.
+* FDA (`quantizers.fda_series_derivative`): before commit da4fb90 it summed
+  max_terms + 1 = 19 masked cosines per element (n_terms is traced): one
+  fused elementwise loop per binarized operand, not many ops, but 5.0e8
+  transcendental operations per step against 2.2e3 for the twin, and
+  1.42x / 1.51x of the twin (with / without noise). The closed form of that
+  commit (two sines per element) brings it to 4.8e7 and, without noise,
+  1.11-1.12x in the two quietest runs (target 1.10x): its fused series-plus-
+  BatchNorm backward is 14% of the step (the twin's BatchNorm backward: 2%).
+  Possible further saving, library side: with omega * clip = 0.1 <= pi/2 the
+  gradient is zero wherever the Cody-Waite reduction would change anything,
+  so a static check could skip it.
+* bnn_pp, 1.20-1.24x (over 1.10x): SS_beta needs a sigmoid (exp and
+  divide) of every binarized element in the forward and again in the
+  backward (36 fusions with one exponential each: fused, 2.4e7
+  transcendentals, 7% of the step), its non-binary forward keeps more
+  residuals (XLA memory 380 MiB against 289, bytes accessed +23%), and the
+  transposing fusions recompute SS_beta's polynomial. Library side: saving
+  sigmoid(beta x) beside x as a custom_vjp residual would drop the
+  backward's exponential, for one more saved tensor per binarized operand.
+* biper, 1.11-1.14x (just over 1.10x): the per-sample prenorm (a variance
+  over H, W, C of every binary layer's input, forward and backward) and
+  ApproxSign's clipped backward are about 10% of the step, bytes accessed
+  +79%, XLA memory 380 MiB; the sin / cos / sin^2 of the square wave and
+  its regulariser touch the kernels only (1.3e6 transcendentals).
+* ste and approx_sign, 0.98-1.04x: sign and its surrogate are fused into
+  the neighbouring fusions (no transcendentals, no extra memory).
+* The input pipeline delivers 400-1700x the images/s a step consumes and is
+  0.1-0.3% of a step.
 """
 
 from __future__ import annotations
@@ -348,7 +367,7 @@ def format_table(results: dict[str, Any]) -> str:
       f"Flax {results['flax']}.", "",
       f"Command: `{results['command']}`", "",
       f"Batch {s['batch_size']} (global), {s['dtype']}; median of {s['repeats']} interleaved "
-      f"windows of {s['window_steps']} steps after {s['warmup_steps']} warm-up step. "
+      f"windows of {s['window_steps']} step(s) after {s['warmup_steps']} warm-up step. "
       "Timings on a shared machine are noisy: compare the ratios, measured in the same "
       "windows, rather than the absolute times.", "",
       "| model | quantizer | compile (s) | step (ms) | images/s | vs FP | CPU ms/step "
