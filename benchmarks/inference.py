@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -53,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from fda_biper_jax import export, inference, layers, models, summary
 
 DEFAULT_MODELS = ("resnet20", "resnet20_fda", "resnet18_cifar", "vgg_small")
@@ -207,10 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"{p.prog}: error: {e}", file=sys.stderr)
     return 2
-  print(format_table(results))
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(results, f, indent=1)
+  report(format_table(results), results, args.json)
   return 0
 
 

@@ -108,7 +108,6 @@ import argparse
 import datetime
 import functools
 import itertools
-import json
 import os
 import platform
 import shlex
@@ -121,6 +120,7 @@ import jax
 import numpy as np
 
 from experiments.configs import recipes
+from benchmarks import report
 from fda_biper_jax import data as data_lib
 from fda_biper_jax import models, parallel, schedules, summary, train
 
@@ -449,10 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ValueError as e:
     print(f"{p.prog}: error: {e}", file=sys.stderr)
     return 2
-  print(format_table(results))
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(results, f, indent=1)
+  report(format_table(results), results, args.json)
   return 0
 
 
