@@ -429,13 +429,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--models", type=_names(models.NAMES), default=default_models)
   p.add_argument("--quantizers", type=_names(tuple(RECIPES)), default=list(RECIPES),
                  help="the identity twin is always measured too")
-  p.add_argument("--batch_size", type=summary._positive_int, default=128)
+  p.add_argument("--batch_size", type=summary.positive_int, default=128)
   p.add_argument("--dtype", choices=tuple(train.COMPUTE_DTYPES), default="float32")
-  p.add_argument("--repeats", type=summary._positive_int, default=5)
-  p.add_argument("--window_steps", type=summary._positive_int, default=5)
-  p.add_argument("--num_devices", type=summary._positive_int, default=None,
+  p.add_argument("--repeats", type=summary.positive_int, default=5)
+  p.add_argument("--window_steps", type=summary.positive_int, default=5)
+  p.add_argument("--num_devices", type=summary.positive_int, default=None,
                  help="default: all devices")
-  p.add_argument("--image_shape", type=summary._parse_shape, default=None,
+  p.add_argument("--image_shape", type=summary.parse_shape, default=None,
                  help="H,W,C for every model (default: each model's own, "
                       "224x224x3 for the ImageNet models, else 32x32x3)")
   p.add_argument("--json", default="runs/benchmarks/train_step.json",

@@ -405,7 +405,7 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
   return IMAGENET_SHAPE if name in IMAGENET_MODELS or "imagenet" in name else CIFAR_SHAPE
 
 
-def _parse_shape(text: str) -> tuple[int, ...]:
+def parse_shape(text: str) -> tuple[int, ...]:
   try:
     shape = tuple(int(p) for p in text.replace("x", ",").split(","))
   except ValueError:
@@ -415,7 +415,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
   return shape
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
   try:
     n = int(text)
   except ValueError:
@@ -430,7 +430,7 @@ def _parser() -> argparse.ArgumentParser:
       prog="python -m fda_biper_jax.summary",
       description="Per-layer precision, parameters, memory and MACs of a model of the zoo.")
   p.add_argument("--model", required=True, help="model name (fda_biper_jax.models.NAMES)")
-  p.add_argument("--num-classes", type=_positive_int, default=None,
+  p.add_argument("--num-classes", type=positive_int, default=None,
                  help="classes (default: 1000 for ImageNet models, else 10)")
   p.add_argument("--kernel-quantizer", default="biper",
                  help="kernel quantizer name, or 'none' for no quantizer (default: biper)")
@@ -438,7 +438,7 @@ def _parser() -> argparse.ArgumentParser:
                  help="input quantizer name, or 'none' for no quantizer (default: approx_sign)")
   p.add_argument("--scaling", default="learned", choices=layers.SCALINGS,
                  help="weight scaling (default: learned)")
-  p.add_argument("--input-shape", type=_parse_shape, default=None,
+  p.add_argument("--input-shape", type=parse_shape, default=None,
                  help="per-example input shape H,W,C (default: from the model name)")
   p.add_argument("--json", action="store_true", help="print the summary as JSON")
   return p
