@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import report
+from benchmarks import run_and_report
 from fda_biper_jax import export, inference, layers, models, summary
 
 DEFAULT_MODELS = ("resnet20", "resnet20_fda", "resnet18_cifar", "vgg_small")
@@ -200,15 +200,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   if args.windows < 1 or args.min_window_s < 0:
     p.error(f"--windows={args.windows} must be >= 1 and --min-window-s={args.min_window_s} >= 0")
-  try:
-    results = run(args.models, args.batch_sizes, windows=args.windows,
-                  min_window_s=args.min_window_s, kernel_quantizer=args.kernel_quantizer,
-                  input_quantizer=args.input_quantizer, scaling=args.scaling)
-  except ValueError as e:
-    print(f"{p.prog}: error: {e}", file=sys.stderr)
-    return 2
-  report(format_table(results), results, args.json)
-  return 0
+
+  def measure():
+    return run(args.models, args.batch_sizes, windows=args.windows,
+               min_window_s=args.min_window_s, kernel_quantizer=args.kernel_quantizer,
+               input_quantizer=args.input_quantizer, scaling=args.scaling)
+
+  return run_and_report(p.prog, measure, format_table, args.json)
 
 
 if __name__ == "__main__":

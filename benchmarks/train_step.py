@@ -120,8 +120,8 @@ import jax
 import numpy as np
 
 from experiments.configs import recipes
-from benchmarks import report
-from fda_biper_jax import data as data_lib
+from benchmarks import run_and_report
+from fda_biper_jax import inputs
 from fda_biper_jax import models, parallel, schedules, summary, train
 
 REFERENCE = "identity"
@@ -182,8 +182,10 @@ def benchmark_config(model: str, quantizer: str, *, batch_size: int, dtype: str,
 class Case:
   """One timed loop: `run(n)` takes the next n steps, then waits for the last."""
 
-  def __init__(self, name: str, body: Callable[[int], Any], measured: dict[str, Any]):
+  def __init__(self, name: str, body: Callable[[int], Any], measured: dict[str, Any],
+               compiled: Any = None):
     self.name, self.body, self.measured = name, body, measured
+    self.compiled = compiled  # the compiled step (`compiled.as_text()`: its HLO), if any
     self.counter = itertools.count()
 
   def run(self, steps: int) -> None:
@@ -194,27 +196,25 @@ class Case:
 
 
 def _inputs(config, mesh):
-  """(info, batch(i)): the trainer's data on device and its i-th global uint8 batch."""
-  info, (images, labels), _ = train.load_data(config)
-  host_batch = config.batch_size // jax.process_count()
-  perm = data_lib.epoch_permutation(jax.random.key(config.seed), images.shape[0], host_batch)
-  data = parallel.replicate_local((images, labels), mesh)
-  gather = parallel.host_batch_gatherer(mesh)
-  return info, lambda i: gather(*data, perm[i % perm.shape[0]])
+  """(source, batch(i)): the trainer's input source (data on device) and its i-th
+  global uint8 batch, cycling through the first epoch."""
+  source = inputs.create(config, mesh, jax.random.key(config.seed))
+  return source, lambda i: source.train_batch(i % source.steps_per_epoch)
 
 
 def train_case(name: str, config, mesh) -> Case:
   """The compiled training step of `config`, with its compile time, memory and FLOPs."""
   train.validate(config, mesh)
-  info, batch = _inputs(config, mesh)
+  source, batch = _inputs(config, mesh)
+  info = source.info
   model = models.create(config.model, info.num_classes,
                         dtype=train.COMPUTE_DTYPES[config.compute_dtype],
                         axis_name=parallel.AXIS, **train.quantization(config))
-  sched = schedules.from_config(config, info.num_train // config.batch_size)
+  sched = schedules.from_config(config, source.steps_per_epoch)
   tx = train.make_optimizer(config, sched.learning_rate)
   key = jax.random.key(config.seed)
   state = parallel.replicate(train.create_state(model, tx, key, info.image_shape), mesh)
-  step = train.make_train_step(model, tx, sched, mesh, info, config.crop_pad, config.flip)
+  step = train.make_train_step(model, tx, sched, mesh, source.preprocess)
   start = time.perf_counter()
   lowered = step.lower(state, *batch(0), key)
   lowered_at = time.perf_counter()
@@ -241,15 +241,15 @@ def train_case(name: str, config, mesh) -> Case:
       "xla_bytes_accessed_per_step": cost.get("bytes accessed"),
       "xla_memory_bytes": None if mem is None else int(
           mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes)})
+          - mem.alias_size_in_bytes)}, compiled)
 
 
 def pipeline_case(config, mesh) -> Case:
   """The step's input side alone: gather, then augment and normalize as the step does."""
-  info, batch = _inputs(config, mesh)
+  source, batch = _inputs(config, mesh)
   key = jax.random.key(config.seed)
-  preprocess = jax.jit(lambda images, step: data_lib.normalize(data_lib.augment(
-      jax.random.fold_in(key, step), images, pad=config.crop_pad, flip=config.flip), info))
+  preprocess = jax.jit(lambda images, step: source.preprocess(jax.random.fold_in(key, step),
+                                                              images))
   return Case("pipeline", lambda i: preprocess(batch(i)[0], i), {})
 
 
@@ -441,16 +441,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--json", default="runs/benchmarks/train_step.json",
                  help="where the results go as JSON")
   args = p.parse_args(argv)
-  try:
-    results = run(args.models, args.quantizers, batch_size=args.batch_size, dtype=args.dtype,
-                  repeats=args.repeats, window_steps=args.window_steps,
-                  num_devices=args.num_devices, image_shape=args.image_shape,
-                  command=f"{p.prog} {shlex.join(argv)}".strip())
-  except ValueError as e:
-    print(f"{p.prog}: error: {e}", file=sys.stderr)
-    return 2
-  report(format_table(results), results, args.json)
-  return 0
+
+  def measure():
+    return run(args.models, args.quantizers, batch_size=args.batch_size, dtype=args.dtype,
+               repeats=args.repeats, window_steps=args.window_steps,
+               num_devices=args.num_devices, image_shape=args.image_shape,
+               command=f"{p.prog} {shlex.join(argv)}".strip())
+
+  return run_and_report(p.prog, measure, format_table, args.json)
 
 
 if __name__ == "__main__":

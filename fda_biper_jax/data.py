@@ -64,9 +64,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import os
 import socket
+import sys
 import threading
 import urllib.parse
 from typing import Any
@@ -75,11 +77,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fda_biper_jax.datasets import sources
+
 __all__ = [
     "DATASETS",
     "DatasetInfo",
     "info",
     "load",
+    "check_obtainable",
     "normalize",
     "augment",
     "epoch_permutation",
@@ -98,7 +103,7 @@ _READ_BATCH = 8192
 
 #: Where Debian's `dataset-fashion-mnist` puts the IDX files; the default manual_dir
 #: for fashion_mnist when it exists.
-FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_DEBIAN_DIR = sources.FASHION_MNIST_DEBIAN_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,25 +221,19 @@ def _resolves(host: str, timeout: float = 5.0) -> bool:
   return bool(ok and ok[0])
 
 
-def _urls_to_download(builder, manual_dir: str | None) -> list[str]:
-  """Registered source URLs whose file is not already in manual_dir."""
-  url_infos = builder.url_infos or {}
-  needed = []
-  for url, url_info in url_infos.items():
-    filename = getattr(url_info, "filename", None)
-    if manual_dir and filename and os.path.isfile(os.path.join(manual_dir, filename)):
-      continue
-    needed.append(url)
-  return needed
+def _builder_urls(builder) -> dict[str, str]:
+  """A tfds builder's registered sources: {URL: file name}."""
+  return {url: getattr(ui, "filename", None) or "" for url, ui in (builder.url_infos or {}).items()}
 
 
-def _offline_reason(builder, manual_dir: str | None) -> str | None:
-  """A short reason when a download cannot possibly work (no source host resolves)."""
+def _offline_reason(urls: dict[str, str], manual_dir: str | None) -> str | None:
+  """A short reason when downloading the sources `urls` ({URL: file name}) cannot
+  possibly work: some file is not in manual_dir and no source host resolves."""
   if any(os.environ.get(v) for v in _PROXY_VARS):
     return None  # the proxy resolves names; let tfds try
-  if not builder.url_infos:
+  if not urls:
     return None  # nothing known about the sources; let tfds decide
-  needed = _urls_to_download(builder, manual_dir)
+  needed = [u for u, f in urls.items() if not (f and sources.has_file(manual_dir, f))]
   if not needed:
     return None  # every source file is in manual_dir
   hosts = sorted({urllib.parse.urlparse(u).hostname for u in needed} - {None} | {_TFDS_GCS_HOST})
@@ -243,22 +242,24 @@ def _offline_reason(builder, manual_dir: str | None) -> str | None:
   return f"no network (cannot resolve {', '.join(hosts)})"
 
 
-def _how_to_provide(name: str, builder, manual_dir: str | None) -> str:
+def _how_to_provide(name: str, urls: dict[str, str], manual_dir: str | None) -> str:
   """One-line advice on how to make `name` available."""
   where = f"manual_dir (now {manual_dir})" if manual_dir else "a manual_dir"
   if name == "fashion_mnist":
-    from fda_biper_jax.datasets import fashion_mnist_local  # noqa: PLC0415
-
-    return (
-        "run once with internet (tfds downloads it into data_dir), or "
-        + fashion_mnist_local.HOW_TO.replace("in manual_dir", f"in {where}")
+    return "run once with internet (tfds downloads it into data_dir), or " + (
+        sources.FASHION_MNIST_HOW_TO.replace("in manual_dir", f"in {where}")
     )
-  files = sorted(
-      {getattr(u, "filename", None) or "" for u in (builder.url_infos or {}).values()} - {""}
-  )
+  files = sorted(set(urls.values()) - {""})
   return (
       "run once with internet (tfds downloads it into data_dir), or put "
       f"{', '.join(files) or 'the original source files'} in {where}"
+  )
+
+
+def _unavailable(name: str, data_dir: str, reason: str, urls, manual_dir) -> DataUnavailableError:
+  return DataUnavailableError(
+      f"{name}: not prepared in data_dir={data_dir} and cannot be downloaded: {reason}; "
+      f"{_how_to_provide(name, urls, manual_dir)}"
   )
 
 
@@ -272,15 +273,48 @@ def _guard_download(builder, name: str, data_dir: str, manual_dir: str | None) -
   make_download_manager = builder._make_download_manager
 
   def checked(*args, **kwargs):
-    reason = _offline_reason(builder, manual_dir)
+    reason = _offline_reason(_builder_urls(builder), manual_dir)
     if reason is not None:
-      raise DataUnavailableError(
-          f"{name}: not prepared in data_dir={data_dir} and cannot be downloaded: {reason}; "
-          f"{_how_to_provide(name, builder, manual_dir)}"
-      )
+      raise _unavailable(name, data_dir, reason, _builder_urls(builder), manual_dir)
     return make_download_manager(*args, **kwargs)
 
   builder._make_download_manager = checked
+
+
+def check_obtainable(
+    name: str, *, data_dir: str | None = None, manual_dir: str | None = None
+) -> None:
+  """Fails at once (one-line DataUnavailableError) when `name` surely cannot be had.
+
+  A check of the file system and DNS only, made before tensorflow_datasets is
+  imported, so that a machine without the data and without network learns it in
+  milliseconds rather than after the seconds TensorFlow takes to import: it
+  passes when data_dir holds a prepared copy (any version), when manual_dir (for
+  fashion_mnist also Debian's folder) holds a source file, when a proxy is set,
+  or when a source host resolves; `load` then does the real work and the real
+  checks. When tensorflow_datasets is already imported (a notebook, or tests
+  under `tfds.testing.mock_data`), `load` itself fails as fast, so nothing is
+  checked here.
+  """
+  info(name)
+  if "tensorflow_datasets" in sys.modules:
+    return
+  data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
+  manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
+  shown_dir = _default_data_dir(data_dir)
+  builders = [name] + (["fashion_mnist_local"] if name == "fashion_mnist" else [])
+  if any(glob.glob(os.path.join(shown_dir, b, "**", "dataset_info.json"), recursive=True)
+         for b in builders):
+    return
+  urls = sources.URLS[name]
+  folders = [manual_dir]
+  if name == "fashion_mnist" and manual_dir is None:
+    folders.append(sources.FASHION_MNIST_DEBIAN_DIR)
+  if any(sources.has_file(d, f) for d in folders for f in urls.values()):
+    return
+  reason = _offline_reason(urls, manual_dir)
+  if reason is not None:
+    raise _unavailable(name, shown_dir, reason, urls, manual_dir)
 
 
 def _is_prepared(builder) -> bool:
@@ -302,11 +336,9 @@ def _prepare(tfds, builder, name: str, data_dir: str, manual_dir: str | None) ->
     raise
   except Exception as e:  # noqa: BLE001  (network, checksum, file and I/O errors from tfds)
     if local:
-      from fda_biper_jax.datasets import fashion_mnist_local  # noqa: PLC0415
-
-      hint = fashion_mnist_local.HOW_TO
+      hint = sources.FASHION_MNIST_HOW_TO
     else:
-      hint = _how_to_provide(name, builder, manual_dir)
+      hint = _how_to_provide(name, _builder_urls(builder), manual_dir)
     detail = " ".join(str(e).split())
     if hint not in detail:
       detail = _one_line(e)

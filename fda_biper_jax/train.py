@@ -5,10 +5,12 @@ line (`experiments/cifar.py`), the notebooks and the tests all call it.
 
 One training step (`make_train_step`), jitted once for the whole run:
 
-1. each process gathers its part of the global batch from its shard of the
-   dataset, held on its devices (`parallel.host_batch_gatherer`); then, on
-   the global batch, random crop (zero padding) and flip, then normalise, with a key derived from (seed, step). JAX's partitionable PRNG makes
-   these values independent of the device count;
+1. the input source (`inputs`) hands over the step's global batch, sharded
+   over the mesh: gathered on device from each process's shards of a small
+   dataset, or streamed by tf.data workers (ImageNet); its `preprocess` runs
+   on the global batch (for small datasets: random crop with zero padding,
+   flip and normalisation, with a key derived from (seed, step); JAX's
+   partitionable PRNG makes these values independent of the device count);
 2. per device (`jax.shard_map` over parallel.AXIS, pmap semantics): the
    schedule values of this step (learning rate, FDA n and alpha, BNN++ beta,
    tau) from `state.step`, the model in training mode, cross-entropy plus
@@ -17,18 +19,17 @@ One training step (`make_train_step`), jitted once for the whole run:
    BatchNorm statistics averaged over the axis by BatchNorm itself.
 
 Resumption is exact: the state carries the step, the data order of epoch e
-is a function of (seed, e) and the augmentation key of (seed, step), so a run
-resumed from a checkpoint takes the same steps as an uninterrupted one.
+is a function of (seed, e) and the augmentation key of (seed, step) (a stream
+restarts its epoch at the step), so a run resumed from a checkpoint takes the
+same steps as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any, Mapping
 
@@ -44,9 +45,9 @@ from jax.sharding import PartitionSpec as P
 from fda_biper_jax import analysis
 from fda_biper_jax import checkpoints as ckpt_lib
 from fda_biper_jax import data as data_lib
+from fda_biper_jax import inputs
 from fda_biper_jax import models
 from fda_biper_jax import parallel
-from fda_biper_jax import quantizers
 from fda_biper_jax import schedules as schedules_lib
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,11 @@ def _fail(msg: str):
 
 def validate(config, mesh=None) -> None:
   """Raises ValueError (one line) for any bad setting; touches no file."""
-  if config.dataset not in data_lib.DATASETS + ("synthetic",):
-    _fail(f"dataset={config.dataset!r} is not allowed; allowed: "
-          f"{list(data_lib.DATASETS + ('synthetic',))}")
+  mesh = mesh or parallel.make_mesh()
+  inputs.check(config, mesh)
+  if config.input == "memory" and config.dataset != "synthetic":  # before TensorFlow's import
+    data_lib.check_obtainable(config.dataset, data_dir=config.data_dir or None,
+                              manual_dir=config.manual_dir or None)
   if config.model not in models.NAMES:
     _fail(f"model={config.model!r} is not allowed; allowed: {list(models.NAMES)}")
   opt = config.optimizer
@@ -119,9 +122,6 @@ def validate(config, mesh=None) -> None:
           "are not allowed; need 0 < beta_start <= beta_end")
   if config.regularizer_tau < 0:
     _fail(f"regularizer_tau={config.regularizer_tau} is not allowed; it must be >= 0")
-  mesh = mesh or parallel.make_mesh()
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size or config.batch_size, mesh)
   # The model and its quantizers: unknown names and bad values raise here.
   models.create(config.model, 10, **quantization(config))
   if config.init_from and not os.path.isdir(config.init_from):
@@ -162,10 +162,12 @@ def _sum_losses(collection) -> jax.Array:
   return sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
-def make_train_step(model, tx, schedules: schedules_lib.Schedules, mesh, info,
-                    crop_pad: int, flip: bool, donate: bool = True):
+def make_train_step(model, tx, schedules: schedules_lib.Schedules, mesh, preprocess,
+                    donate: bool = True):
   """Returns step(state, images, labels, key) -> (state, metrics) on a global
-  uint8 batch sharded over the mesh (see `parallel.host_batch_gatherer`)."""
+  batch sharded over the mesh (an input source's `train_batch`, see `inputs`);
+  `preprocess(key, images)` (the source's augmentation and normalisation) runs
+  on the global batch inside the step, with the key folded with the step."""
 
   def per_device(state: TrainState, x, y):
     values = schedules.values(state.step)
@@ -196,20 +198,18 @@ def make_train_step(model, tx, schedules: schedules_lib.Schedules, mesh, info,
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
                          out_specs=(P(), P()))
   def step(state, images, labels, key):
-    k = jax.random.fold_in(key, state.step)
-    # Crop padding enters as black pixels, as the reference CIFAR pipelines.
-    x = data_lib.normalize(data_lib.augment(k, images, pad=crop_pad, flip=flip), info)
-    return mapped(state, x, labels)
+    return mapped(state, preprocess(jax.random.fold_in(key, state.step), images), labels)
 
   return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model, mesh, info):
-  """Returns eval(state, images, labels, mask) -> {'correct', 'loss_sum', 'count'}."""
+def make_eval_step(model, mesh, preprocess):
+  """Returns eval(state, images, labels, mask) -> {'correct', 'loss_sum', 'count'};
+  `preprocess(images)` is the input source's evaluation transform."""
 
   def per_device(state, x, y, mask):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         data_lib.normalize(x, info), train=False)
+                         preprocess(x), train=False)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
     return {"correct": lax.psum(jnp.sum((jnp.argmax(logits, -1) == y) * mask), parallel.AXIS),
             "loss_sum": lax.psum(jnp.sum(ce * mask), parallel.AXIS),
@@ -220,23 +220,12 @@ def make_eval_step(model, mesh, info):
       out_specs=P())
 
 
-def evaluate(eval_step, state, test, batch_size: int, mesh) -> dict[str, float]:
-  """Accuracy and mean loss over the whole test split (padded, masked).
-
-  `test` is this process's shard; every process contributes batch_size /
-  process_count rows to each global eval batch.
-  """
-  images, labels = test
-  batch_size //= jax.process_count()
-  n = images.shape[0]
-  pad = (-n) % batch_size
-  mask = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
-  images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-  labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+def evaluate(eval_step, state, batches) -> dict[str, float]:
+  """Accuracy and mean loss over global (images, labels, mask) batches, such as
+  an input source's `eval_batches()` (the whole split, padding masked out)."""
   totals = None
-  for i in range(0, n + pad, batch_size):
-    sl = slice(i, i + batch_size)
-    out = eval_step(state, *parallel.shard_batch((images[sl], labels[sl], mask[sl]), mesh))
+  for batch in batches:
+    out = eval_step(state, *batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {"accuracy": float(totals["correct"] / totals["count"]),
@@ -295,21 +284,6 @@ def _duration(seconds: float) -> str:
 # --------------------------------------------------------------------------
 
 
-def load_data(config) -> tuple[data_lib.DatasetInfo, tuple, tuple]:
-  """(info, (train images, labels), (test images, labels)) as numpy, this host's shard."""
-  if config.dataset == "synthetic":
-    s = config.synthetic
-    d = data_lib.synthetic(s.num_train, s.num_test, tuple(s.image_shape), s.num_classes,
-                           seed=s.seed)
-    p, n = jax.process_index(), jax.process_count()
-    shard = lambda split: tuple(a[p * (len(a) // n):(p + 1) * (len(a) // n)] for a in split)  # noqa: E731
-    return data_lib.synthetic_info(d, s.num_classes), shard(d["train"]), shard(d["test"])
-  kw = dict(data_dir=config.data_dir or None, manual_dir=config.manual_dir or None,
-            process_index=jax.process_index(), process_count=jax.process_count())
-  info = data_lib.info(config.dataset)
-  return info, data_lib.load(config.dataset, "train", **kw), data_lib.load(config.dataset, "test", **kw)
-
-
 class LayerLog:
   """Per binarized layer, at each evaluation: the Laplace scale b of the latent
   weights, the quantization error of the layer's binarizer (BiPer Eq. 1 / 4;
@@ -359,27 +333,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     config.process_id)
   mesh = parallel.make_mesh(config.num_devices or None)
   validate(config, mesh)
-  info, train, test = load_data(config)  # a missing dataset fails here, before any file
-  num_train = train[0].shape[0]  # this process's shard
-  steps_per_epoch = num_train // (config.batch_size // jax.process_count())
-  if steps_per_epoch < 1:
-    _fail(f"batch_size={config.batch_size} is larger than the {num_train} training examples")
-  eval_batch = config.eval_batch_size or config.batch_size
+  init_key, data_key, aug_key = jax.random.split(jax.random.key(config.seed), 3)
+  # A missing dataset fails here, before any file is written.
+  source = inputs.create(config, mesh, data_key, train=not config.eval_only)
 
   os.makedirs(workdir, exist_ok=True)
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   runlog = RunLog(workdir, config.tensorboard)
 
   if config.eval_only:
-    return _evaluate_only(config, workdir, ckpts, mesh, info, test, eval_batch, runlog)
+    return _evaluate_only(workdir, ckpts, mesh, source, runlog)
 
-  model = models.create(config.model, info.num_classes, dtype=COMPUTE_DTYPES[config.compute_dtype],
-                        axis_name=parallel.AXIS, **quantization(config))
+  steps_per_epoch = source.steps_per_epoch
+  model = models.create(config.model, source.num_classes,
+                        dtype=COMPUTE_DTYPES[config.compute_dtype], axis_name=parallel.AXIS,
+                        **quantization(config))
   sched = schedules_lib.from_config(config, steps_per_epoch)
   tx = make_optimizer(config, sched.learning_rate)
-  key = jax.random.key(config.seed)
-  init_key, data_key, aug_key = jax.random.split(key, 3)
-  state = create_state(model, tx, init_key, info.image_shape)
+  state = create_state(model, tx, init_key, source.image_shape)
   if config.init_from:
     state = _init_from_stage(state, config.init_from)
   meta = _meta(config, model)
@@ -390,12 +361,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     runlog.say(f"resuming from step {step0} in {workdir}")
   state = parallel.replicate(state, mesh)
 
-  layer_log = LayerLog(model, info.image_shape, state) if config.log_layer_stats else None
-  train_step = make_train_step(model, tx, sched, mesh, info, config.crop_pad, config.flip)
-  eval_step = make_eval_step(model, mesh, info)
-  images, labels = parallel.replicate_local((train[0], train[1]), mesh)
-  gather = parallel.host_batch_gatherer(mesh)
-  host_batch = config.batch_size // jax.process_count()
+  layer_log = LayerLog(model, source.image_shape, state) if config.log_layer_stats else None
+  train_step = make_train_step(model, tx, sched, mesh, source.preprocess)
+  eval_step = make_eval_step(model, mesh, source.eval_preprocess)
 
   total = sched.total_steps
   step = int(state.step)
@@ -406,8 +374,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pending: list = []
   last_eval = None
   t_window, n_window, t_start, step_start = time.time(), 0, time.time(), step
-  perm, perm_epoch = None, -1
-  runlog.say(f"training {config.model} on {config.dataset} ({num_train} images, "
+  runlog.say(f"training {config.model} on {config.dataset} ({source.num_train} images, "
              f"{mesh.size} device(s), {total} steps, {config.num_epochs} epochs) -> {workdir}")
 
   def flush_metrics():
@@ -423,14 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return got
 
   while step < total:
-    epoch = step // steps_per_epoch
-    if epoch != perm_epoch:
-      perm = data_lib.epoch_permutation(
-          jax.random.fold_in(jax.random.fold_in(data_key, jax.process_index()), epoch),
-          num_train, host_batch)
-      perm_epoch = epoch
-    state, metrics = train_step(state, *gather(images, labels, perm[step % steps_per_epoch]),
-                                aug_key)
+    state, metrics = train_step(state, *source.train_batch(step), aug_key)
     metrics["step"] = step + 1
     pending.append(metrics)
     step += 1
@@ -457,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     epoch_end = step % steps_per_epoch == 0
     if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total:
       flush_metrics()
-      ev = evaluate(eval_step, state, test, eval_batch, mesh)
+      ev = evaluate(eval_step, state, source.eval_batches())
       last_eval = ev["accuracy"]
       runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
       if layer_log is not None and layer_log.layers:
@@ -482,7 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _evaluate_only(config, workdir, ckpts, mesh, info, test, eval_batch, runlog):
+def _evaluate_only(workdir, ckpts, mesh, source, runlog):
   """Evaluates the latest readable checkpoint with the settings saved in it."""
   meta = ckpts.read_meta()
   if meta is None:
@@ -490,13 +450,15 @@ def _evaluate_only(config, workdir, ckpts, mesh, info, test, eval_batch, runlog)
     _fail(f"eval_only: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
   model = models.from_config(meta["model"], axis_name=parallel.AXIS)
   saved = ml_collections.ConfigDict(meta["config"])
-  sched = schedules_lib.from_config(saved, max(info.num_train // saved.batch_size, 1))
+  # The optimizer state's structure (for the restore template) needs a schedule,
+  # not its length.
+  sched = schedules_lib.from_config(saved, 1)
   template = create_state(model, make_optimizer(saved, sched.learning_rate),
-                          jax.random.key(0), info.image_shape)
+                          jax.random.key(0), source.image_shape)
   step, state, _ = ckpts.restore_latest(template)
   ckpts.close()
-  ev = evaluate(make_eval_step(model, mesh, info), parallel.replicate(state, mesh), test,
-                eval_batch, mesh)
+  ev = evaluate(make_eval_step(model, mesh, source.eval_preprocess),
+                parallel.replicate(state, mesh), source.eval_batches())
   runlog.say(f"eval of {meta['model']['name']} at step {step} ({workdir}): "
              f"accuracy {100 * ev['accuracy']:.2f}%, loss {ev['loss']:.4f}")
   return {"workdir": workdir, "step": step, "model": meta["model"], **ev}

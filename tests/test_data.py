@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import os
 import pathlib
+import sys
 import time
 
 import jax
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from fda_biper_jax import data
-from fda_biper_jax.datasets import idx
+from fda_biper_jax.datasets import idx, sources
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -275,6 +276,45 @@ def test_missing_data_without_network_fails_fast(tmp_path, monkeypatch):
   message = _one_line_value_error(excinfo)
   assert "cifar10" in message and str(tmp_path / "empty") in message
   assert "cifar-10-binary.tar.gz" in message and "manual_dir" in message
+
+
+@pytest.mark.parametrize("name", data.DATASETS)
+def test_source_table_matches_tfds(name):
+  builder = tfds.builder(name, data_dir="/nonexistent")
+  assert sources.URLS[name] == {u: ui.filename for u, ui in builder.url_infos.items()}
+
+
+def test_check_obtainable_without_tfds(tmp_path, monkeypatch):
+  """The pre-import check: fails offline with nothing on disk, passes otherwise."""
+  monkeypatch.delitem(sys.modules, "tensorflow_datasets")  # as in a fresh process
+  monkeypatch.setattr(data, "_resolves", lambda host, timeout=5.0: False)
+  for var in data._PROXY_VARS:
+    monkeypatch.delenv(var, raising=False)
+  empty, manual = tmp_path / "data", tmp_path / "manual"
+  manual.mkdir()
+  kw = dict(data_dir=str(empty), manual_dir=str(manual))
+  for name in data.DATASETS:
+    with pytest.raises(data.DataUnavailableError) as excinfo:
+      data.check_obtainable(name, **kw)
+    message = _one_line_value_error(excinfo)
+    assert message.startswith(f"{name}: not prepared in data_dir={empty}") and "no network" in message
+  # A source file in manual_dir (or its decompressed twin), a prepared copy, a
+  # resolving host or a proxy: the check passes and leaves the work to `load`.
+  (manual / "train-images-idx3-ubyte").write_bytes(b"")
+  data.check_obtainable("mnist", **kw)
+  data.check_obtainable("fashion_mnist", **kw)
+  (empty / "cifar10" / "3.0.2").mkdir(parents=True)
+  (empty / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
+  data.check_obtainable("cifar10", **kw)
+  with pytest.raises(data.DataUnavailableError):
+    data.check_obtainable("cifar100", **kw)
+  monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+  data.check_obtainable("cifar100", **kw)
+  monkeypatch.delenv("HTTPS_PROXY")
+  monkeypatch.setattr(data, "_resolves", lambda host, timeout=5.0: host == "www.cs.toronto.edu")
+  data.check_obtainable("cifar100", **kw)
+  with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+    data.check_obtainable("svhn", **kw)
 
 
 def test_failed_download_becomes_one_line_value_error(tmp_path, monkeypatch):

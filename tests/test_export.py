@@ -22,7 +22,7 @@ import pytest
 
 from benchmarks import inference as bench
 from experiments.configs import tiny
-from fda_biper_jax import data, export, inference, models, train
+from fda_biper_jax import data, export, inference, inputs, models, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIPER = dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
@@ -206,7 +206,7 @@ def test_checkpoint_round_trip(tmp_path):
   packed = export.load(out)
   assert packed.header["model"] == models.config(model)
   assert tuple(packed.header["input_shape"]) == shape == tuple(config.synthetic.image_shape)
-  info, _, (images, _) = train.load_data(config)
+  info, _, (images, _) = inputs.load_data(config)
   _assert_same_logits(model, variables, packed, data.normalize(images, info))  # every test image
 
   cli = str(tmp_path / "cli.fbj")

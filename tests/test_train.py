@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import recipes, tiny
-from fda_biper_jax import checkpoints, models, parallel, schedules, train
+from fda_biper_jax import checkpoints, inputs, models, parallel, schedules, train
 
 
 def tiny_config(**overrides):
@@ -170,18 +170,15 @@ def test_schedules_never_recompile_the_step():
   c = tiny_config(**{"quantization.kernel_quantizer": {"name": "fda", "max_terms": 18},
                      "quantization.input_quantizer": {"name": "bnn_pp"}, "bnn_pp.beta_end": 50.0})
   mesh = parallel.make_mesh()
-  info, tr, _ = train.load_data(c)
+  source = inputs.create(c, mesh, jax.random.key(2))
   model = models.create("tiny_cnn", 4, axis_name=parallel.AXIS, **train.quantization(c))
   sched = schedules.from_config(c, 8)
   tx = train.make_optimizer(c, sched.learning_rate)
   state = parallel.replicate(train.create_state(model, tx, jax.random.key(0), (8, 8, 3)), mesh)
-  step = train.make_train_step(model, tx, sched, mesh, info, 1, True)
-  images, labels = parallel.replicate_local(tr, mesh)
-  gather = parallel.host_batch_gatherer(mesh)
+  step = train.make_train_step(model, tx, sched, mesh, source.preprocess)
   seen = set()
   for i in range(16):
-    batch = gather(images, labels, jnp.arange(32) + 32 * (i % 8))
-    state, m = step(state, *batch, jax.random.key(1))
+    state, m = step(state, *source.train_batch(i), jax.random.key(1))
     seen.add((int(m["n_terms"]), round(float(m["beta"]), 3)))
   assert len(seen) == 16 and len({n for n, _ in seen}) == 2  # values changed every step
   assert step._cache_size() == 1
@@ -203,7 +200,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ({"model": "resnet99"}, "model='resnet99' is not allowed"),
-    ({"dataset": "imagenet21k"}, "dataset='imagenet21k' is not allowed"),
+    ({"dataset": "imagenet21k"}, "dataset='imagenet21k' is not allowed with input='memory'"),
+    ({"input": "disk"}, "input='disk' is not allowed; allowed: .'memory', 'stream'."),
+    ({"input": "stream"}, "input='stream' needs a tfds dataset, not dataset='synthetic'"),
+    ({"data_shards": 3}, "data_shards=3 is not allowed: it must be a multiple of the process"),
     ({"optimizer.name": "lion"}, "optimizer.name='lion' is not allowed"),
     ({"optimizer.learning_rate": -0.1}, "learning_rate=-0.1 is not allowed"),
     ({"batch_size": 30}, "batch_size=30 is not allowed: it must be a positive multiple of"),
@@ -222,16 +222,36 @@ def test_config_errors_stop_fast_before_writing(tmp_path, override, match):
   assert not wd.exists()
 
 
+_MISSING_DATA = """
+import sys, time
+from fda_biper_jax import data, train
+from experiments.configs import tiny
+data._resolves = lambda host, timeout=5.0: False  # no network, whatever this machine has
+c = tiny.get_config()
+c.dataset, c.data_dir, c.manual_dir = "cifar10", sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+try:
+  train.train_and_evaluate(c, sys.argv[3])
+except ValueError as e:
+  print(f"{time.perf_counter() - t:.3f}", "tensorflow" in sys.modules)
+  print(e)
+"""
+
+
 def test_missing_data_stops_with_one_line_before_writing(tmp_path):
+  # A fresh interpreter, as a user's run: TensorFlow is not imported yet, so
+  # the file-system and DNS check stops the run before tfds is ever loaded.
   wd = tmp_path / "run"
-  c = tiny_config(dataset="cifar10", data_dir=str(tmp_path / "empty"),
-                  manual_dir=str(tmp_path / "empty_manual"))
-  t = time.time()
-  with pytest.raises(ValueError) as e:
-    train.train_and_evaluate(c, str(wd))
-  assert "cifar10" in str(e.value) and "\n" not in str(e.value)
-  # Seconds (importing TensorFlow for tfds), not the minutes of tfds' download retries.
-  assert time.time() - t < 30.0
+  env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+  out = subprocess.run(
+      [sys.executable, "-c", _MISSING_DATA, str(tmp_path / "empty"), str(tmp_path / "none"),
+       str(wd)], capture_output=True, text=True, check=True, env=env, timeout=120,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  timing, message = out.stdout.strip().split("\n")
+  seconds, tf_loaded = timing.split()
+  assert float(seconds) < 1.0 and tf_loaded == "False", timing
+  assert message.startswith("cifar10: not prepared in data_dir=") and "no network" in message
+  assert "cifar-10-binary.tar.gz" in message
   assert not wd.exists()
 
 

@@ -12,14 +12,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # Data: a tfds name (cifar10, cifar100, fashion_mnist, mnist) or 'synthetic'.
+  # Data: a tfds name (cifar10, cifar100, fashion_mnist, mnist) or 'synthetic'
+  # held on device (input='memory'), or any tfds image dataset streamed
+  # (input='stream', e.g. imagenet2012); see fda_biper_jax/inputs.py.
   c.dataset = "cifar10"
+  c.input = "memory"
+  c.data_shards = 0   # training-data shards (0 = one per process); fixes the data order
   c.data_dir = ""     # tfds data_dir ('' = tfds default, ~/tensorflow_datasets)
   c.manual_dir = ""   # tfds manual_dir (pre-downloaded files)
   c.crop_pad = 4      # random crop with zero padding; 0 disables
   c.flip = True       # random horizontal flip
   c.synthetic = ml_collections.ConfigDict(dict(
       num_train=512, num_test=256, image_shape=(8, 8, 3), num_classes=4, seed=0))
+  c.stream = ml_collections.ConfigDict(dict(
+      image_size=224,       # RandomResizedCrop / centre-crop side
+      eval_resize=256,      # evaluation: shorter side resized to this, then centre crop
+      num_parallel_calls=0,  # tf.data map workers (0 = AUTOTUNE)
+      prefetch=2))          # batches in flight to the devices
 
   # Model and how it is binarized (see fda_biper_jax/layers.py); a quantizer is
   # {'name': ..., **parameters} (fda_biper_jax/quantizers.py).

@@ -14,6 +14,13 @@ and activations (omega = 0.1, gradient zeroed outside |x| <= 1, as the BiBench
 port), n growing 9 -> 18, noise adaptation modules whose weight alpha decays to
 0, mean|W| weight scaling; SGD lr 0.1, momentum 0.9, wd 1e-4, batch 128, 400
 epochs, cosine decay.
+
+ImageNet (methods notes): BiPer stage 1 200 epochs, SGD lr 0.1, batch 512, wd
+1e-4; stage 2 100 epochs at lr 0.01 (no stage-2 weight decay is given: stage
+1's is kept; tau, warm-up and omega0 are the CIFAR recipe's). FDA: Adam lr 1e-3,
+wd 0 on ResNet-18 (the paper's Bi-Real + PReLU baseline; our resnet18 is the
+Bi-Real layout without PReLU), no epoch count given: 100 epochs, batch 256,
+cosine decay, here. Both stream imagenet2012 (tfds, manual download) at 224.
 """
 
 from experiments.configs.base import get_base_config
@@ -22,6 +29,13 @@ BIPER_STAGES = {
     # stage: (kernel quantizer, epochs, lr, weight decay, tau)
     "stage1": ("biper_sine", 600, 0.021, 0.0016, 0.037),
     "stage2": ("biper", 300, 0.0037, 0.00016, 0.0468),
+}
+
+
+IMAGENET_BIPER_STAGES = {
+    # stage: (epochs, lr, weight decay); quantizers and tau as BIPER_STAGES
+    "stage1": (200, 0.1, 1e-4),
+    "stage2": (100, 0.01, 1e-4),
 }
 
 
@@ -45,6 +59,29 @@ def biper(model: str, stage: str, dataset: str = "cifar10"):
   c.regularizer_tau = tau
   if stage == "stage2":
     c.init_from = stage_workdir(model, "stage1")
+  return c
+
+
+def imagenet(c):
+  """A recipe moved to imagenet2012, streamed (fda_biper_jax/streaming.py) at 224."""
+  c.dataset, c.input = "imagenet2012", "stream"
+  c.stream.image_size, c.stream.eval_resize = 224, 256
+  c.eval_every_epochs, c.log_every_steps, c.checkpoint_every_steps = 1, 100, 2000
+  return c
+
+
+def biper_imagenet(model: str, stage: str):
+  c = imagenet(biper(model, stage))
+  c.num_epochs, c.optimizer.learning_rate, c.optimizer.weight_decay = (
+      IMAGENET_BIPER_STAGES[stage])
+  c.batch_size = 512
+  return c
+
+
+def fda_imagenet(model: str):
+  c = imagenet(fda(model))
+  c.num_epochs, c.batch_size = 100, 256
+  c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay = "adam", 1e-3, 0.0
   return c
 
 

@@ -23,10 +23,10 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fda_biper_jax.datasets import idx
+from fda_biper_jax.datasets import idx, sources
 
 #: Where Debian's `dataset-fashion-mnist` package puts the files.
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+DEBIAN_DIR = sources.FASHION_MNIST_DEBIAN_DIR
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -71,12 +71,7 @@ FILES: dict[str, tuple[idx.IdxSpec, idx.IdxSpec]] = {
     ),
 }
 
-HOW_TO = (
-    "install Debian's dataset-fashion-mnist package (files land in "
-    f"{DEBIAN_DIR}) or put the four Fashion-MNIST IDX files "
-    "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
-    "t10k-labels-idx1-ubyte.gz, from https://github.com/zalandoresearch/fashion-mnist) in manual_dir"
-)
+HOW_TO = sources.FASHION_MNIST_HOW_TO
 
 
 def file_names() -> list[str]:

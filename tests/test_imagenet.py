@@ -1,0 +1,134 @@
+"""The ImageNet experiment: its configs, and the trainer on a streamed dataset.
+
+The configs stream imagenet2012, which cannot be had here; their tiny variants
+stream a generated JPEG dataset (`datasets.synthetic_jpeg`) through the same
+pipeline (`streaming`), trainer and checkpoints.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import biper_imagenet, fda_resnet18_imagenet, recipes
+from fda_biper_jax import models, train
+
+tfds = pytest.importorskip("tensorflow_datasets")
+from fda_biper_jax.datasets import synthetic_jpeg  # noqa: E402  (needs tfds)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAME = synthetic_jpeg.dataset_name(32, 12, height=(40, 60), width=(40, 60), num_classes=10)
+
+CONFIGS = {
+    "biper resnet18 stage1": biper_imagenet.get_config("resnet18,stage1"),
+    "biper resnet18 stage2": biper_imagenet.get_config("resnet18,stage2"),
+    "biper resnet34 stage1": biper_imagenet.get_config("resnet34,stage1"),
+    "biper resnet34 stage2": biper_imagenet.get_config("resnet34,stage2"),
+    "fda resnet18": fda_resnet18_imagenet.get_config(),
+}
+# With the learned per-channel scale: BiPer's README gives 11,694,376 for
+# ResNet-18 and 21.81M for ResNet-34 (tests/test_models.py).
+PARAMS = {"resnet18": 11_694_376, "resnet34": 21_806_248}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_configs_follow_the_papers_and_build_their_models(name):
+  c = CONFIGS[name]
+  assert (c.dataset, c.input, c.stream.image_size, c.stream.eval_resize) == (
+      "imagenet2012", "stream", 224, 256)
+  check = c.copy_and_resolve_references()
+  check.init_from = ""  # stage 1's workdir does not exist here
+  train.validate(check)
+  model = models.create(c.model, 1000, **train.quantization(c))
+  image = np.zeros((1, 224, 224, 3), np.float32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+  n = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+  if name.startswith("biper"):
+    stage = name.split()[-1]
+    assert (c.num_epochs, c.optimizer.learning_rate, c.optimizer.weight_decay) == (
+        recipes.IMAGENET_BIPER_STAGES[stage])
+    assert c.batch_size == 512 and c.optimizer.name == "sgd"
+    assert c.quantization.kernel_quantizer["name"] == (
+        "biper_sine" if stage == "stage1" else "biper")
+    assert c.init_from == ("" if stage == "stage1" else f"runs/biper_{c.model}_stage1")
+    assert n == PARAMS[c.model]
+  else:
+    assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay) == (
+        "adam", 1e-3, 0.0)
+    assert c.quantization.kernel_quantizer["name"] == "fda" and c.quantization.kernel_noise
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("tfds"))
+  tfds.builder(NAME, data_dir=path).download_and_prepare()
+  return path
+
+
+def tiny_variant(config, data_dir, **overrides):
+  """The recipe at 32 px on the generated JPEGs: 2 steps of batch 16."""
+  c = config.copy_and_resolve_references()
+  c.dataset, c.data_dir, c.init_from = NAME, data_dir, ""
+  c.stream.image_size, c.stream.eval_resize = 32, 36
+  c.batch_size, c.eval_batch_size, c.num_epochs = 16, 8, 1
+  c.optimizer.warmup_epochs = 0.0
+  c.log_every_steps = c.checkpoint_every_steps = 1
+  c.tensorboard = False
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_tiny_variant_trains_and_evaluates(data_dir, tmp_path):
+  """BiPer's resnet18 recipe, streamed; FDA's runs through the command line below."""
+  c = tiny_variant(CONFIGS["biper resnet18 stage1"], data_dir)
+  out = train.train_and_evaluate(c, str(tmp_path))
+  assert out["steps"] == 2
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  (ev,) = [r for r in records if r["kind"] == "eval"]
+  assert 0.0 <= ev["accuracy"] <= 1.0 and ev["accuracy"] == out["final_eval_accuracy"]
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
+
+
+def test_streamed_run_resumes_exactly(data_dir, tmp_path):
+  """Resumed from its step-1 checkpoint (mid-epoch), a streamed run ends where the
+  uninterrupted one does: the stream restarts its epoch at the checkpoint's step."""
+  c = tiny_variant(CONFIGS["biper resnet18 stage1"], data_dir, model="tiny_cnn",
+                   num_epochs=2)
+  whole = train.train_and_evaluate(c, str(tmp_path / "whole"))
+  shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+  for step in os.listdir(tmp_path / "resumed" / "checkpoints"):
+    if step.isdigit() and int(step) > 1:
+      shutil.rmtree(tmp_path / "resumed" / "checkpoints" / step)
+  resumed = train.train_and_evaluate(c, str(tmp_path / "resumed"))
+  assert whole["steps"] == resumed["steps"] == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(whole["state"].params),
+               jax.device_get(resumed["state"].params))
+
+
+def test_command_line(data_dir, tmp_path):
+  workdir = str(tmp_path / "cli")
+  run = subprocess.run(
+      [sys.executable, "-m", "experiments.imagenet",
+       "--config=experiments/configs/fda_resnet18_imagenet.py", f"--workdir={workdir}",
+       f"--config.dataset={NAME}", f"--config.data_dir={data_dir}", "--config.model=tiny_cnn",
+       "--config.stream.image_size=32", "--config.stream.eval_resize=36",
+       "--config.batch_size=16", "--config.num_epochs=1", "--config.tensorboard=False"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "done: best eval accuracy" in run.stdout
+  run = subprocess.run(
+      [sys.executable, "-m", "experiments.imagenet",
+       "--config=experiments/configs/fda_resnet18_imagenet.py", f"--workdir={workdir}2",
+       "--config.dataset=no_such_dataset", f"--config.data_dir={data_dir}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "no_such_dataset" in run.stderr and not os.path.exists(workdir + "2")
