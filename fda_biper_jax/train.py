@@ -89,11 +89,12 @@ def _fail(msg: str):
   raise ValueError(msg)
 
 
-def validate(config, mesh=None) -> None:
-  """Raises ValueError (one line) for any bad setting; touches no file."""
+def validate(config, mesh=None, *, data: bool = True) -> None:
+  """Raises ValueError (one line) for any bad setting; touches no file. With
+  `data`, also when the dataset surely cannot be had (`data.check_obtainable`)."""
   mesh = mesh or parallel.make_mesh()
   inputs.check(config, mesh)
-  if config.input == "memory" and config.dataset != "synthetic":  # before TensorFlow's import
+  if data and config.input == "memory" and config.dataset != "synthetic":
     data_lib.check_obtainable(config.dataset, data_dir=config.data_dir or None,
                               manual_dir=config.manual_dir or None)
   if config.model not in models.NAMES:
