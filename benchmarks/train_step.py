@@ -56,50 +56,85 @@ does them before the model (same key folding, padding and flip), timed in the
 same interleaved windows. "input share" is its time over a full step's; the
 pipeline should deliver at least 10x the images/s of the model's fastest step.
 
-Findings (CPU, resnet20, batch 128, float32, JAX 0.10.2, 2026-11-23; two
-shared cores, so every figure is noisy; per-op shares from
-`jax.profiler.trace`, op counts from the compiled HLO):
+Findings (CPU, resnet20, batch 128, float32, JAX 0.10.2, 2026-11-23, a shared
+2-core VM, so every time is noisy; fusions and their operands from the
+compiled HLO, `Case.compiled.as_text()`; bytes from `cost_analysis()`; per-op
+times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
 
-* XLA:CPU spends about half of every step, the twin's included, in
-  `transpose_copy` loop fusions: each convolution input is recomputed
-  (BatchNorm, activation, quantizer) and written transposed, [C, H, W, N],
-  for the weight-gradient convolution (a YNNPACK fusion), a strided,
-  memory-bound loop of 0.1-0.3 s per 2M-element tensor (twin: 59% of the
-  step, the convolutions 33%). Whether XLA emits them depends on the fusions
-  around each convolution input, which the quantizer changes: with FDA's
-  noise adapters (a per-pixel matmul reading the same activation) they drop
-  to about 0.06 s per step, so FDA with noise ran at 0.91-1.05x of the twin
-  while FDA without noise ran at 1.11-1.21x (four runs). On CPU a ratio
-  thus reflects XLA's layout choices as well as the quantizer's own
-  arithmetic.
-* FDA (`quantizers.fda_series_derivative`): before commit da4fb90 it summed
-  max_terms + 1 = 19 masked cosines per element (n_terms is traced): one
-  fused elementwise loop per binarized operand, not many ops, but 5.0e8
-  transcendental operations per step against 2.2e3 for the twin, and
-  1.42x / 1.51x of the twin (with / without noise). The closed form of that
-  commit (two sines per element) brings it to 4.8e7 and, without noise,
-  1.11-1.12x in the two quietest runs (target 1.10x): its fused series-plus-
-  BatchNorm backward is 14% of the step (the twin's BatchNorm backward: 2%).
-  Possible further saving, library side: with omega * clip = 0.1 <= pi/2 the
-  gradient is zero wherever the Cody-Waite reduction would change anything,
-  so a static check could skip it.
-* bnn_pp, 1.20-1.24x (over 1.10x): SS_beta needs a sigmoid (exp and
-  divide) of every binarized element in the forward and again in the
-  backward (36 fusions with one exponential each: fused, 2.4e7
-  transcendentals, 7% of the step), its non-binary forward keeps more
-  residuals (XLA memory 380 MiB against 289, bytes accessed +23%), and the
-  transposing fusions recompute SS_beta's polynomial. Library side: saving
-  sigmoid(beta x) beside x as a custom_vjp residual would drop the
-  backward's exponential, for one more saved tensor per binarized operand.
-* biper, 1.11-1.14x (just over 1.10x): the per-sample prenorm (a variance
-  over H, W, C of every binary layer's input, forward and backward) and
-  ApproxSign's clipped backward are about 10% of the step, bytes accessed
-  +79%, XLA memory 380 MiB; the sin / cos / sin^2 of the square wave and
-  its regulariser touch the kernels only (1.3e6 transcendentals).
-* ste and approx_sign, 0.98-1.04x: sign and its surrogate are fused into
-  the neighbouring fusions (no transcendentals, no extra memory).
-* The input pipeline delivers 400-1700x the images/s a step consumes and is
-  0.1-0.3% of a step.
+* Every layer input was recomputed inside every consumer, the twin's too.
+  XLA:CPU fuses a cheap elementwise producer (add, multiply, clamp, select,
+  and sin / cos) into every consumer that can take it rather than storing it
+  once; only "expensive" ones (divide, exp, tanh, sqrt, ...) are stored. A
+  Bi-Real layer input is hardtanh(BN(conv) + shortcut), the shortcut being
+  the previous input, so each consumer recomputed the chain of BatchNorms
+  back to the stage's first conv: the `transpose_copy` fusion that lays out
+  a conv input for the weight-gradient convolution read up to 7 conv outputs
+  in transposed order (0.1-0.3 s each, 59% of the twin's step). Each
+  consumer a quantizer added recomputed the chain again, which is why the
+  ratios followed the fusion layout more than the quantizers' arithmetic.
+  `layers.materialize` stores each layer operand once (a division by
+  max(|sign x|, 1): exact, identity gradient, not foldable, and a divide is
+  never duplicated; CPU backend only): each transposing copy now reads one
+  tensor, and the twin's step went from 1169 to 749-771 ms (CPU time 1889
+  to 1036-1062 ms), every configuration alike. Left: the forward fusion
+  that stores a layer input still recomputes its chain once, because the
+  model's shortcut adds the unstored input (models/blocks.py could pass the
+  stored one).
+* FDA: XLA:CPU emits `sine` / `cosine` as a scalar libm call per element,
+  13 ms per 2M float32 elements against 1.2 ms for an exp or a multiply-add,
+  and the series derivative's two sines per binarized activation (4.8e7 per
+  step) were FDA's whole overhead (1.03-1.07x wall, 1.08-1.13x CPU time).
+  They are now `quantizers.vsin` (Cody-Waite reduction and a degree-9
+  polynomial, within 3 ulp for |x| < 1e5): 26 to 2.6 ms per 2M elements for
+  the derivative, transcendentals 4.8e7 to the twin's 2.2e3. The noise
+  adapter's a sin(t) and its cosine gradient too (9.6e7 to 2.4e3 with noise).
+* bnn_pp: the sigmoid was not computed twice in the compiled step: XLA had
+  merged the forward's and the backward's into one stored tensor (one exp
+  per element, 2.4e7). A custom_vjp that saves SS' (or the sigmoid) as a
+  residual compiles to the same program (same FLOPs and bytes to the byte),
+  so residuals gain nothing on CPU. The cost was that stored tensor (a write
+  and two reads per activation) and SS's cheap polynomial, recomputed with
+  the input chain in the conv input, its transposing copy and the backward.
+  SS_beta is now a rational function of e = exp(-|bx|) ending in a divide
+  (stored once, read by the conv and the copy), and SS' uses exp(-|bx|/2)^2
+  inside the backward's own fusion, so the two exponentials are not merged:
+  bytes 4.49 to 3.49 GB per step (the twin's), XLA memory 380 to 289 MiB,
+  two vectorised exps per element (4.8e7); 1.17-1.18x to 1.01-1.03x wall.
+* biper: the prenorm is `layers.prenormalize`, a custom_vjp with the closed
+  form backward (one reduction where autodiff of jnp.var takes two and
+  stores two more temporaries: 4.9 against 7.1 ms forward and backward per
+  2M elements); the learned scale is folded into the kernel in training (no
+  multiply over the activations in either pass, no activation-sized
+  reduction for its gradient); the quantized kernel is stored once (with
+  the fold, XLA recomputed BiPer's libm sin(omega0 W) in each consumer of
+  the kernel: 2.7e7 transcendentals per VGG-Small step, 2.3e7 stored once,
+  as before). Bytes 6.55 to 4.63 GB. A
+  variadic reduce that reads x without storing anything (4.16 GB) was
+  slower: XLA:CPU's loop reduction is not vectorised (2.7 ms against 1.5 ms
+  to store x - mean and sum it with the library reduction).
+* ste and approx_sign: 0.98-1.01x before and after (sign and its surrogate
+  fuse into the neighbouring fusions; bytes within 0.3% of the twin's).
+* After, two full runs (resnet20, every quantizer; vs FP wall / CPU time):
+  ste 1.01 / 1.00, 0.99 / 1.00; approx_sign 1.00 / 1.00, 1.01 / 1.01;
+  fda_no_noise 1.00 / 1.03, 1.02 / 1.05; bnn_pp 1.01 / 1.04, 1.03 / 1.06;
+  biper 0.98 / 1.12, 1.01 / 1.16; fda (noise) 1.20 / 1.29, 1.19 / 1.28.
+  Before (same command, the previous commit): 0.99 / 0.98, 1.00 / 0.98,
+  1.03 / 1.08, 1.17 / 1.20, 1.06 / 1.08, 0.95 / 0.94.
+* Still over target: biper in CPU time (1.12x and 1.16x in the two runs,
+  1.09-1.16x over every variant tried; wall 0.93-1.01x): the prenorm's passes
+  (the mean, x - mean stored for the variance, sign(x / std), the backward's
+  stored h and its sum), about ten activation-sized memory passes per binary
+  layer that the twin does not make, 8-10% of a step now 35% shorter; and
+  1.3e6 libm sines and cosines of the weights (`vsin` is not used there: its
+  value depends on whether XLA contracts omega0 W into an FMA: gradients 4e-5 apart
+  between two compilations, and sign(sin(omega0 W)) must hold for any |W|).
+  FDA with its noise modules in CPU time (1.28-1.29x, 1.26-1.32x over all
+  runs; wall 1.16-1.21x, within 1.25x): the modules' own per-pixel matmuls (C
+  -> max(C / 64, 4) -> C) and the transposed copies XLA makes for their weight
+  gradients, method work that the faster twin now shows at a larger ratio
+  (0.94-0.95x before, of a twin that spent half its step recomputing its
+  inputs).
+* The input pipeline delivers 720x the images/s a step consumes.
 """
 
 from __future__ import annotations

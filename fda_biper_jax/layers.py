@@ -30,16 +30,23 @@ Weight scaling (`scaling`):
 * 'mean_abs': per output channel alpha_c = mean |W_c|, not differentiated
   (XNOR-Net; FDA-BNN);
 * 'learned': a per-output-channel parameter multiplying the layer output,
-  initialised uniformly in [0, 1) (the public BiPer code).
+  initialised uniformly in [0, 1) (the public BiPer code). In training it
+  is folded into the kernel, conv(x, k) alpha_c = conv(x, k alpha_c).
 
 A quantizer with a weight regulariser (BiPer's mean sin^2(omega0 W)) sows
 its value into the 'losses' collection in training; the trainer scales it.
 The quantized kernel and input are sown into 'intermediates' for inspection.
+
+Cost (XLA:CPU, benchmarks/train_step.py). The layer's operands are stored
+once (`materialize`) rather than recomputed in every consumer; the prenorm
+is `prenormalize`, whose backward takes one reduction where autodiff takes
+two. Values and gradients are those of the formulas above.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -113,6 +120,93 @@ class BinarySpec:
     return c
 
 
+@jax.custom_vjp
+def _materialized(x: Array) -> Array:
+  one = jnp.maximum(jnp.abs(jnp.sign(x)), 1).astype(x.dtype)  # 1 (nan for nan), not a constant
+  return x / one
+
+
+def _materialized_fwd(x):
+  return _materialized(x), None
+
+
+def _materialized_bwd(_, g):
+  return (g,)
+
+
+_materialized.defvjp(_materialized_fwd, _materialized_bwd)
+
+
+def materialize(x: Array) -> Array:
+  """x, exactly, computed once into its own buffer on XLA:CPU; identity gradient.
+
+  XLA:CPU fuses a cheap elementwise producer (add, multiply, clamp, select,
+  sin, ...) into every consumer that can take it, recomputing it in each
+  rather than reading one stored result; only "expensive" operations
+  (divide, exp, tanh, ...) are computed once. In a Bi-Real ResNet each
+  binary layer's input is hardtanh(BN(conv) + shortcut), the shortcut being
+  the previous such input, so each consumer recomputed the whole chain of
+  BatchNorms back to the stage's first layer; the consumers include the
+  `transpose_copy` fusions that lay the input out for the weight-gradient
+  convolution, which read those 5-8 tensors in transposed order (about half
+  of every CPU step, full-precision twin included). Dividing by a one that
+  XLA cannot fold, max(|sign(x)|, 1), is exact (x / 1 = x for every float,
+  -0, inf and nan included) and makes x a divide, computed once: the
+  ResNet-20 training step takes about 35% less time. Only on the CPU
+  backend (where it was measured); elsewhere x is returned as is.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  return _materialized(x)
+
+
+def _prenorm_stats(x: Array) -> tuple[Array, Array]:
+  """(mean, std) per sample, std = sqrt(var + 1e-5), var as `jnp.var` computes it."""
+  axes = tuple(range(1, x.ndim))
+  mu = jnp.mean(x, axis=axes, keepdims=True)
+  return mu, jnp.sqrt(jnp.mean(jnp.square(x - mu), axis=axes, keepdims=True) + PRENORM_EPS)
+
+
+@jax.custom_vjp
+def prenormalize(x: Array) -> Array:
+  """x / sqrt(var + 1e-5), the variance per sample over all axes but the first
+  (ReCU / BiPer's activation normalisation), in x's dtype (float32 inside).
+
+  The value of `x / jnp.sqrt(jnp.var(x, axes) + 1e-5)`. The backward is the
+  closed form of its derivative, per sample with N elements and h the
+  incoming gradient:
+
+      dx = h / std - (x - mean) * sum(h x) / (N std^3),
+
+  one reduction, where autodiff of `jnp.var` takes two and stores two more
+  activation-sized temporaries (one is the gradient through the mean, whose
+  factor sum(x - mean) is zero); residuals are x (stored by the layer) and
+  two scalars per sample. (Sums stay single-operand reductions: XLA:CPU
+  gives those to a library kernel that reads a stored input at memory speed,
+  where a variadic reduce that reads x without storing anything is an
+  unvectorised loop, twice as slow as storing and reading.)
+  """
+  return _prenormalize_fwd(x)[0]
+
+
+def _prenormalize_fwd(x):
+  x32 = x.astype(jnp.float32)
+  mu, std = _prenorm_stats(x32)
+  return (x32 / std).astype(x.dtype), (x, mu, std)
+
+
+def _prenormalize_bwd(res, g):
+  x, mu, std = res
+  axes = tuple(range(1, x.ndim))
+  n = math.prod(x.shape[1:])
+  x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
+  c = jnp.sum(g32 * x32, axis=axes, keepdims=True) / (n * std * jnp.square(std))
+  return ((g32 / std - (x32 - mu) * c).astype(x.dtype),)
+
+
+prenormalize.defvjp(_prenormalize_fwd, _prenormalize_bwd)
+
+
 def _alpha(schedule: Mapping[str, Any] | None) -> Array:
   if not schedule or "alpha" not in schedule:
     raise ValueError("noise adaptation is on, so training needs schedule['alpha'] "
@@ -139,16 +233,17 @@ class _BinaryOperands(nn.Module):
                        f"allowed: {list(SCALINGS)}")
 
   def _quantize_input(self, x: Array, train: bool, schedule) -> Array:
+    """The operand of the conv / dot, computed once (`materialize`)."""
     q = _resolve(self.input_quantizer)
     x = x.astype(self.dtype) if self.dtype is not None else x
     if q is None:
-      return x
+      return materialize(x)
     noise = _noise_config(self.input_noise)
     if train:
+      if self.prenorm or noise is not None:
+        x = materialize(x)  # read by reductions / the noise matmul as well
       if self.prenorm:
-        axes = tuple(range(1, x.ndim))
-        x32 = x.astype(jnp.float32)
-        x = (x32 / jnp.sqrt(jnp.var(x32, axis=axes, keepdims=True) + PRENORM_EPS)).astype(x.dtype)
+        x = prenormalize(x)
       y = q(x, **q.scheduled(schedule))
       if noise is not None:
         y = y + _alpha(schedule) * NoiseAdapter(**noise, name="input_noise")(x).astype(y.dtype)
@@ -156,6 +251,7 @@ class _BinaryOperands(nn.Module):
       if noise is not None and self.is_initializing():
         NoiseAdapter(**noise, name="input_noise")(x)
       y = q.binarize(x)
+    y = materialize(y)
     self.sow("intermediates", "input", y)
     return y
 
@@ -187,10 +283,32 @@ class _BinaryOperands(nn.Module):
     self.sow("intermediates", "kernel", k)
     return k
 
-  def _finish(self, y: Array) -> Array:
-    if self.scaling == "learned":
-      alpha = self.param("scale", nn.initializers.uniform(1.0), (self.features,), jnp.float32)
-      y = y * alpha.astype(y.dtype)
+  def _learned_scale(self) -> Array | None:
+    if self.scaling != "learned":
+      return None
+    return self.param("scale", nn.initializers.uniform(1.0), (self.features,), jnp.float32)
+
+  def _operands(self, x: Array, w: Array, train: bool, schedule):
+    """(xq, k, scale): the quantized operands; in training the learned scale is
+    folded into k (conv(x, k) * alpha_c = conv(x, k alpha_c), per output
+    channel) and scale is None: a multiply over the kernel instead of two
+    passes over the activations (forward and backward) and a reduction for
+    its gradient. In evaluation the output is scaled, as the deployed model."""
+    xq = self._quantize_input(x, train, schedule)
+    k = self._quantize_kernel(w, train, schedule)
+    scale = self._learned_scale()
+    if train and scale is not None:
+      k, scale = k * scale.astype(k.dtype), None
+    k = k.astype(xq.dtype)
+    if self.kernel_quantizer is not None:
+      # Stored once: else each consumer (the conv, the transposed copies for its
+      # gradients) recomputes the quantizer, BiPer's libm sine included.
+      k = materialize(k)
+    return xq, k, scale
+
+  def _finish(self, y: Array, scale: Array | None) -> Array:
+    if scale is not None:
+      y = y * scale.astype(y.dtype)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
       y = y + bias.astype(y.dtype)
@@ -210,13 +328,11 @@ class BinaryConv(_BinaryOperands):
     kh, kw = self.kernel_size
     w = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
                    jnp.float32)
-    xq = self._quantize_input(x, train, schedule)
-    k = self._quantize_kernel(w, train, schedule)
+    xq, k, scale = self._operands(x, w, train, schedule)
     pad = self.padding if isinstance(self.padding, str) else [(self.padding,) * 2] * 2
-    y = jax.lax.conv_general_dilated(
-        xq, k.astype(xq.dtype), tuple(self.strides), pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return self._finish(y)
+    y = jax.lax.conv_general_dilated(xq, k, tuple(self.strides), pad,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return self._finish(y, scale)
 
 
 class BinaryDense(_BinaryOperands):
@@ -227,6 +343,5 @@ class BinaryDense(_BinaryOperands):
                schedule: Mapping[str, Any] | None = None) -> Array:
     self._check()
     w = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    xq = self._quantize_input(x, train, schedule)
-    k = self._quantize_kernel(w, train, schedule)
-    return self._finish(jnp.dot(xq, k.astype(xq.dtype)))
+    xq, k, scale = self._operands(x, w, train, schedule)
+    return self._finish(jnp.dot(xq, k), scale)

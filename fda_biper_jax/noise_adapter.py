@@ -7,6 +7,8 @@ is modelled by a small bias-free MLP with a fixed shortcut,
     e(t) = relu(t W1) W2 + eta(t),    W1: d x d/k,  W2: d/k x d,  k = 64,
     eta(t) = a sin(t)  (a = 0.1, the best shortcut of the paper's Table 4),
 
+(the sine and its derivative evaluated by `quantizers.vsin`, vectorised),
+
 and in training a binarized value is sign(t) + alpha e(t), sign's backward
 being the series derivative (`quantizers.fda`), with alpha decaying to 0 so
 that inference is pure sign. Layers apply the module to a weight kernel with
@@ -25,6 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from fda_biper_jax.quantizers import vsin
 
 SHORTCUTS = ("sin", "linear", "none")
 
@@ -68,7 +72,8 @@ class NoiseAdapter(nn.Module):
     w2 = self.param("w2", init, (h, d), jnp.float32)
     e = jnp.dot(nn.relu(jnp.dot(t, w1.astype(t.dtype))), w2.astype(t.dtype))
     if self.shortcut == "sin":
-      e = e + self.a * jnp.sin(t)
+      # `vsin`: XLA:CPU's jnp.sin (and its gradient's cos) is a scalar libm call per element.
+      e = e + self.a * vsin(t)
     elif self.shortcut == "linear":
       e = e + self.a * t
     return e

@@ -22,7 +22,18 @@ bnn_pp         SS_beta(x)                 SS_beta'(x)  (BNN++, ProxConnect++)
 with the SignSwish map SS_beta(x) = 2 sigmoid(bx) (1 + bx (1 - sigmoid(bx))) - 1
 and its derivative SS_beta'(x) = 2b s (1 - s) (2 + bx (1 - 2s)), s = sigmoid(bx),
 which equals BNN+'s b (2 - bx tanh(bx/2)) / (1 + cosh(bx)) but never divides
-an overflowed cosh.
+an overflowed cosh. Both are evaluated as rational functions of
+e = exp(-|bx|) (`sign_swish_map`, `sign_swish_derivative`).
+
+Cost on XLA:CPU (benchmarks/train_step.py): the forward and the surrogate
+derivative run on every binarized activation, so they are written for the
+CPU compiler's fusion rules. `jnp.sin` / `jnp.cos` are scalar libm calls
+there, about 10x a vectorised multiply-add, so the FDA series uses `vsin`,
+a polynomial sine; a cheap elementwise result is recomputed inside every
+consumer while an expensive one (divide, exp) is computed once, which
+decides how SS_beta is written. Saving a derivative as a custom_vjp residual
+changes nothing there: XLA merges the identical expressions of the forward
+and backward and stores the shared part itself.
 
 Conventions shared by every function:
 
@@ -128,27 +139,51 @@ def square_wave(x: Array, omega0) -> Array:
   return jnp.where(t >= 0, jnp.ones_like(x), -jnp.ones_like(x))
 
 
-# |beta x| beyond this is saturated: sigmoid is exactly 0 or 1 in float32 there,
-# and clipping keeps bx * s(1-s) = inf * 0 from producing nan.
+# |beta x| beyond this is saturated: exp(-|beta x|) is 0 in float32 there, and
+# clipping keeps |beta x| * exp(-|beta x|) = inf * 0 from producing nan.
 _SIGN_SWISH_SATURATION = 100.0
 
 
-def _sign_swish_parts(x: Array, beta):
+def _sign_swish_parts(x: Array, beta) -> tuple[Array, Array]:
+  """(bx, a): beta x clipped to the saturation, and a = |bx|.
+
+  With e = exp(-a), s = sigmoid(a) = 1 / (1 + e), 1 - s = e / (1 + e) and
+  1 - 2s = (e - 1) / (1 + e), so SS_beta (odd) and SS_beta' (even) are
+  rational functions of e in (0, 1]: no overflow, and no cancellation in
+  1 - s.
+  """
   bx = jnp.clip(beta * x, -_SIGN_SWISH_SATURATION, _SIGN_SWISH_SATURATION)
-  s = jax.nn.sigmoid(bx)
-  return bx, s
+  return bx, jnp.abs(bx)
 
 
 def sign_swish_map(x: Array, beta) -> Array:
-  """SS_beta(x) = 2 sigmoid(bx)(1 + bx(1 - sigmoid(bx))) - 1 (BNN+ Eq. 4)."""
-  bx, s = _sign_swish_parts(x, beta)
-  return 2.0 * s * (1.0 + bx * (1.0 - s)) - 1.0
+  """SS_beta(x) = 2 sigmoid(bx)(1 + bx(1 - sigmoid(bx))) - 1 (BNN+ Eq. 4),
+
+  evaluated as +-(1 + 2 a e - e^2) / (1 + e)^2 with a = |bx|, e = exp(-a)
+  and +- the sign of bx: one exponential, and the last operation a division, which
+  XLA:CPU computes once and stores, where a cheap last operation would be
+  recomputed (with the whole input) inside every consumer, as the transposed
+  copy of the weight-gradient convolution.
+  """
+  bx, a = _sign_swish_parts(x, beta)
+  e = jnp.exp(-a)
+  return (jnp.where(bx < 0, -1.0, 1.0) * (1.0 + (2.0 * a - e) * e)) / jnp.square(1.0 + e)
 
 
 def sign_swish_derivative(x: Array, beta) -> Array:
-  """d/dx SS_beta(x) = 2 b s(1-s)(2 + bx(1-2s)) = b(2 - bx tanh(bx/2))/(1+cosh bx)."""
-  bx, s = _sign_swish_parts(x, beta)
-  return 2.0 * beta * s * (1.0 - s) * (2.0 + bx * (1.0 - 2.0 * s))
+  """d/dx SS_beta(x) = 2 b s(1-s)(2 + bx(1-2s)) = b(2 - bx tanh(bx/2))/(1+cosh bx),
+
+  evaluated as 2 b e (2 (1 + e) + a (e - 1)) / (1 + e)^3 with a = |bx| and
+  e = h^2, h = exp(-a / 2). Not exp(-a) as in `sign_swish_map`: XLA would
+  merge the two identical exponentials of BNN++'s forward and backward into
+  one stored tensor (a write and two reads of every binarized activation,
+  18% more bytes per ResNet-20 step) where the backward can recompute it
+  from x inside its own fusion, for one vectorised exponential.
+  """
+  _, a = _sign_swish_parts(x, beta)
+  h = jnp.exp(-0.5 * a)
+  e = h * h
+  return (2.0 * beta * e * (2.0 * (1.0 + e) + a * (e - 1.0))) / ((1.0 + e) * jnp.square(1.0 + e))
 
 
 def fda_series_derivative(x: Array, omega, n_terms, max_terms: int | None = None) -> Array:
@@ -158,31 +193,133 @@ def fda_series_derivative(x: Array, omega, n_terms, max_terms: int | None = None
   sum_{i=0..n} cos((2i+1) t) = sin(2(n+1) t) / (2 sin t), t = omega x. The
   sum flips sign every half period, so t is first reduced to
   r = t - k pi in [-pi/2, pi/2] (a factor (-1)^k), with pi split in three
-  parts (Cody-Waite) so that k pi is exact for |t| < 4096 pi: near t = k pi
+  parts (Cody-Waite) so that k pi is exact for |t| < 2^15 pi: near t = k pi
   both sines are small and only an exact r keeps their ratio accurate. At
   r = 0 the value is the limit n + 1. Two sines per element whatever n is,
   where summing the n + 1 cosines costs n + 1 (19 for FDA's n = 18, on every
   activation of every binary layer), and as accurate (tested against float64
-  summation). n_terms may be traced, so a schedule never recompiles;
-  `max_terms`, if given, caps it.
+  summation). The two sines are `vsin`'s polynomials, not `jnp.sin`: XLA:CPU
+  calls a scalar libm sine per element, which made this derivative 14% of a
+  ResNet-20 training step (see `vsin`). n_terms may be traced, so a schedule
+  never recompiles; `max_terms`, if given, caps it.
   """
   n = n_terms if max_terms is None else jnp.minimum(n_terms, max_terms)
   t = omega * x
-  k = jnp.round(t * (1.0 / math.pi))
-  r = ((t - k * _PI_A) - k * _PI_B) - k * _PI_C
-  sin_r = jnp.sin(r)
+  k, r = _reduce_pi(t)
+  sin_r = _sin_reduced(r)
   at_zero = sin_r == 0
   kernel = jnp.where(at_zero, n + 1.0,
-                     jnp.sin(2.0 * (n + 1.0) * r) / (2.0 * jnp.where(at_zero, 1.0, sin_r)))
-  parity = 1.0 - 2.0 * jnp.mod(k, 2.0)  # (-1)^k
-  return (4.0 * omega / math.pi) * parity * kernel
+                     vsin(2.0 * (n + 1.0) * r) / (2.0 * jnp.where(at_zero, 1.0, sin_r)))
+  return (4.0 * omega / math.pi) * _parity(k) * kernel
 
 
 # pi = _PI_A + _PI_B + _PI_C with few significant bits in the first two parts,
-# so k * _PI_A and k * _PI_B are exact in float32 for |k| < 4096.
+# so k * _PI_A and k * _PI_B (8 and 9 significant bits) are exact in float32 for
+# |k| < 2^15, and so are the two subtractions (Sterbenz).
 _PI_A = 3.140625
 _PI_B = 0.0009670257568359375
 _PI_C = math.pi - _PI_A - _PI_B
+
+# Minimax-fitted (relative error, then rounded to float32) on |r| <= pi/2:
+# sin r = r (1 + r^2 (S1 + r^2 (S2 + ...))): 5.3e-9 relative in exact arithmetic, at most
+# 2.6 ulp when evaluated in float32; cos r = 1 + r^2 (C1 + ...): 1.5e-7 absolute in float32.
+_SIN_COEFFS = (-0.16666656732559204, 0.008333025500178337, -0.00019807417993433774,
+               2.6019026790891076e-06)
+_COS_COEFFS = (-0.4999999701976776, 0.04166660085320473, -0.0013887989334762096,
+               2.4744034817558713e-05, -2.5803961989367963e-07)
+
+
+def _reduce_pi(t: Array) -> tuple[Array, Array]:
+  """(k, r): t = k pi + r with k integral and r in [-pi/2, pi/2] (Cody-Waite, exact r
+  for |k| < 2^15 in float32)."""
+  k = jnp.round(t * (1.0 / math.pi))
+  return k, ((t - k * _PI_A) - k * _PI_B) - k * _PI_C
+
+
+def _parity(k: Array) -> Array:
+  """(-1)^k for integral float k: two multiply-adds and a floor, no remainder."""
+  return 1.0 - 2.0 * (k - 2.0 * jnp.floor(0.5 * k))
+
+
+def _horner(u: Array, coeffs) -> Array:
+  acc = coeffs[-1]
+  for c in coeffs[-2::-1]:
+    acc = acc * u + c
+  return acc
+
+
+def _sin_reduced(r: Array) -> Array:
+  """sin r for |r| <= pi/2: an odd polynomial, so exactly 0 at r = 0 and of r's sign."""
+  if r.dtype == jnp.float64:
+    return jnp.sin(r)
+  u = r * r
+  return r + r * (u * _horner(u, _SIN_COEFFS))
+
+
+def _cos_reduced(r: Array) -> Array:
+  if r.dtype == jnp.float64:
+    return jnp.cos(r)
+  u = r * r
+  return 1.0 + u * _horner(u, _COS_COEFFS)
+
+
+def _vsin(x: Array) -> Array:
+  k, r = _reduce_pi(x)
+  return _parity(k) * _sin_reduced(r)
+
+
+def _vcos(x: Array) -> Array:
+  k, r = _reduce_pi(x)
+  return _parity(k) * _cos_reduced(r)
+
+
+def _polynomial_or_exact(polynomial, exact, x: Array) -> Array:
+  """polynomial(x) in float32 (16-bit inputs computed in float32, cast back);
+  exact(x) for float64, where the polynomial is not accurate enough."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.float64:
+    return exact(x)
+  return polynomial(x.astype(_compute_dtype(x.dtype))).astype(x.dtype)
+
+
+@jax.custom_jvp
+def vsin(x: Array) -> Array:
+  """sin(x) from multiplies and adds only, so XLA vectorises it; derivative `vcos`.
+
+  XLA:CPU lowers `jnp.sin` and `jnp.cos` to a scalar libm call per element:
+  13 ms for 2M float32 elements on a 2-core machine, against 1.2 ms for an
+  `exp` or a multiply-add over the same array (XLA's exp and tanh are
+  vectorised polynomials). This sine reduces x to r = x - k pi in
+  [-pi/2, pi/2] as `fda_series_derivative` does (exact for |x| < 2^15 pi,
+  about 1e5; wrong beyond about 1e6, so not for arbitrary arguments) and
+  evaluates a degree-9 odd polynomial: within 3 ulp of the float64 sine of
+  the float32 argument there, exactly 0 at x = 0, and odd. Computed in
+  float32 for 16-bit inputs (then cast back) and with `jnp.sin` in float64.
+  A product fed to it (omega x) may be contracted by XLA into the
+  reduction's first multiply-add, so its value can differ by the rounding of
+  that product between two compilations.
+  """
+  return _polynomial_or_exact(_vsin, jnp.sin, x)
+
+
+@vsin.defjvp
+def _vsin_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return vsin(x), vcos(x) * dx
+
+
+@jax.custom_jvp
+def vcos(x: Array) -> Array:
+  """cos(x) as `vsin` (an even degree-10 polynomial after the same reduction, within
+  1.5e-7 of the float64 cosine for |x| < 2^15 pi); derivative -vsin."""
+  return _polynomial_or_exact(_vcos, jnp.cos, x)
+
+
+@vcos.defjvp
+def _vcos_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return vcos(x), -vsin(x) * dx
+
 
 
 def _clip_mask(x: Array, clip, d: Array) -> Array:
@@ -237,6 +374,7 @@ _sign_swish_vjp = _pair(lambda x, beta: sign(x), sign_swish_derivative)
 _biper_vjp = _pair(square_wave, lambda x, w0: w0 * jnp.cos(w0 * x))
 _biper_sine_vjp = _pair(lambda x, w0: jnp.sin(w0 * x.astype(_compute_dtype(x.dtype))).astype(x.dtype),
                         lambda x, w0: w0 * jnp.cos(w0 * x))
+
 _bnn_pp_vjp = _pair(
     lambda x, beta: sign_swish_map(x.astype(_compute_dtype(x.dtype)), beta).astype(x.dtype),
     sign_swish_derivative)

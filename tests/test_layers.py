@@ -1,6 +1,7 @@
 """BinaryConv / BinaryDense / BinarySpec and the FDA noise adaptation module."""
 
 import json
+import re
 
 import chex
 import jax
@@ -220,3 +221,131 @@ def test_noise_adapter_initialisation_is_zero_mean():
   v = NoiseAdapter().init(jax.random.key(0), jnp.ones((1, 4096)))
   for w in (v["params"]["w1"], v["params"]["w2"]):
     assert abs(float(w.mean())) < 0.1 * float(w.std())
+
+
+# ----------------------------------------------------------------------------- CPU step cost
+# (benchmarks/train_step.py: what these protect and why)
+
+
+def _fusions(compiled_text):
+  """[(fusion name, its operand shapes, its fused computation's text)] of an XLA:CPU program."""
+  comps = {m.group(1): m.group(2) for m in re.finditer(
+      r"^%(\S+) .*?\{\n(.*?)\n\}", compiled_text, re.M | re.S)}
+  entry = compiled_text[compiled_text.index("ENTRY"):]
+  shapes = {m.group(1): m.group(2) for m in re.finditer(r"^\s*%(\S+) = (\S+?)[{ ]", entry, re.M)}
+  out = []
+  for m in re.finditer(r"^\s*%(\S+) = \S+ fusion\((.*?)\), kind=\w+, calls=%([\w.\-]+)", entry,
+                       re.M):
+    operands = [shapes.get(a.strip().split()[-1].lstrip("%"), "")
+                for a in re.sub(r"/\*[^*]*\*/", "", m.group(2)).split(",")]
+    out.append((m.group(1), operands, comps.get(m.group(3), "")))
+  return out
+
+
+def test_materialize_is_exact_with_identity_gradient():
+  x = jnp.array([0.0, -0.0, 1.5, -3.25, 1e30, -1e-30, jnp.inf, -jnp.inf, jnp.nan], jnp.float32)
+  y = jax.jit(layers.materialize)(x)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+  assert np.signbit(np.asarray(y)[1]) and not np.signbit(np.asarray(y)[0])
+  g = jax.grad(lambda x: jnp.sum(layers.materialize(x) * jnp.arange(9.0)))(x)
+  np.testing.assert_array_equal(g, np.arange(9.0))
+  xb = x.astype(jnp.bfloat16)
+  assert layers.materialize(xb).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(layers.materialize(xb), np.float32),
+                                np.asarray(xb, np.float32))
+
+
+def _residual_chain_grad_hlo(depth=6):
+  """The compiled gradient of a Bi-Real chain x <- hardtanh(BN-like(conv(x)) + x)."""
+  convs = [layers.BinaryConv(8, name=f"c{i}") for i in range(depth)]
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
+  params = [c.init(jax.random.key(i), x)["params"] for i, c in enumerate(convs)]
+
+  def loss(params, x):
+    for c, p in zip(convs, params):
+      y = c.apply({"params": p}, x, train=True)
+      x = jnp.clip(y * 0.5 + 0.1 + x, -1.0, 1.0)
+    return jnp.sum(x ** 2)
+
+  return jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+
+
+def test_layer_inputs_are_computed_once_not_in_every_consumer(monkeypatch):
+  """Without `materialize`, XLA:CPU recomputes every layer input from the whole chain of
+  conv outputs inside the transposing copy that lays it out for the weight-gradient
+  convolution: the activation-sized operands those copies read grow with the depth
+  squared (6 layers: 30), against about one per copy (15) when each input is stored."""
+  act = "f32[4,8,8,8]"
+
+  def transposed_reads(text):
+    return sum(sum(s.startswith(act) for s in ops) for _, ops, body in _fusions(text)
+               if " transpose(" in body)
+
+  assert transposed_reads(_residual_chain_grad_hlo()) <= 18
+  monkeypatch.setattr(layers, "_materialized", lambda x: x)
+  assert transposed_reads(_residual_chain_grad_hlo()) >= 25  # the test sees the difference
+
+
+def _prenorm_reference(x):
+  return x / jnp.sqrt(jnp.var(x, axis=(1, 2, 3), keepdims=True) + layers.PRENORM_EPS)
+
+
+def test_prenormalize_value_and_gradient_equal_autodiff_of_the_formula():
+  scale = jnp.array([1.0, 3.0, 0.01, 50.0])[:, None, None, None]
+  shift = jnp.array([0.0, 2.0, 5.0, -100.0])[:, None, None, None]
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16)) * scale + shift
+  cot = jax.random.normal(jax.random.key(1), x.shape)
+  np.testing.assert_allclose(layers.prenormalize(x), _prenorm_reference(x), rtol=2e-6, atol=1e-6)
+  g = jax.grad(lambda x: jnp.sum(layers.prenormalize(x) * cot))(x)
+  ref = jax.grad(lambda x: jnp.sum(_prenorm_reference(x) * cot))(x)
+  for i in range(4):  # per sample, relative to its largest entry (mean / std up to 500 here)
+    np.testing.assert_allclose(g[i], ref[i], rtol=0, atol=2e-5 * float(jnp.abs(ref[i]).max()))
+  gb = jax.grad(lambda x: jnp.sum(layers.prenormalize(x) * cot))(x.astype(jnp.bfloat16))
+  assert gb.dtype == jnp.bfloat16
+
+
+def test_prenormalize_takes_fewer_passes_than_autodiff_of_the_formula():
+  """One reduction in the backward (sum(h x)) where autodiff of jnp.var takes two, and one
+  fewer activation-sized temporary."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+
+  def passes(f):
+    text = jax.jit(jax.grad(lambda x: jnp.sum(f(x) ** 3))).lower(x).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    stored = len(re.findall(r"= f32\[4,8,8,16\][^ ]* fusion\(", entry))
+    sums = len(re.findall(r"= f32\[4(?:,1,1,1)?\][^ ]* fusion\(", entry))
+    return stored, sums
+
+  (stored, sums), (ref_stored, ref_sums) = passes(layers.prenormalize), passes(_prenorm_reference)
+  assert stored < ref_stored and sums < ref_sums, ((stored, sums), (ref_stored, ref_sums))
+
+
+def test_learned_scale_is_folded_into_the_kernel_in_training_only():
+  layer = layers.BinaryConv(4, kernel_quantizer="biper", input_quantizer="approx_sign",
+                            scaling="learned", prenorm=True)
+  v = layer.init(jax.random.key(0), X)
+  scale = v["params"]["scale"]
+
+  def unfolded(p, x):  # the reference: scale the conv's output
+    _, st = layer.apply({"params": p}, x, train=True, mutable=["intermediates"])
+    y = jax.lax.conv_general_dilated(sown(st, "input"), sown(st, "kernel"), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y * p["scale"]
+
+  y = layer.apply(v, X, train=True)
+  np.testing.assert_allclose(y, unfolded(v["params"], X), rtol=1e-5, atol=1e-5)
+  cot = jax.random.normal(jax.random.key(5), y.shape)
+  g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X, train=True) * cot))(v["params"])
+  # d/d scale_c = sum over the output of cot * conv(x, k)_c
+  _, st = layer.apply(v, X, train=True, mutable=["intermediates"])
+  conv = jax.lax.conv_general_dilated(sown(st, "input"), sown(st, "kernel"), (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(g["scale"], jnp.sum(cot * conv, axis=(0, 1, 2)), rtol=1e-5,
+                             atol=1e-5)
+  assert float(jnp.abs(g["kernel"]).max()) > 0
+  # evaluation scales the output (as the deployed model): unchanged
+  _, y_eval, st = run(layer, X, train=False)
+  ref = jax.lax.conv_general_dilated(jnp.asarray(sown(st, "input")),
+                                     jnp.asarray(sown(st, "kernel")), (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(y_eval, ref * scale, rtol=1e-6, atol=1e-6)
