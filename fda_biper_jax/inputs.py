@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fda_biper_jax import data as data_lib
@@ -138,12 +139,13 @@ class InMemory:
     self.gather = parallel.host_batch_gatherer(self.mesh)
     self.epoch, self.indices = -1, None
 
-  def host_indices(self, epoch: int) -> np.ndarray:
-    """[steps_per_epoch, host batch] rows of this process's data for each step of `epoch`."""
-    rows = [np.asarray(data_lib.epoch_permutation(
+  def host_indices(self, epoch: int) -> jax.Array:
+    """[steps_per_epoch, host batch] rows of this process's data for each step of `epoch`
+    (on device: a step slices its row there, with no host-to-device copy)."""
+    rows = [data_lib.epoch_permutation(
         jax.random.fold_in(jax.random.fold_in(self.key, s), epoch), self.shard_size,
-        self.shard_batch)) + j * self.shard_size for j, s in enumerate(self.local_shards)]
-    return np.concatenate(rows, axis=1)
+        self.shard_batch) + j * self.shard_size for j, s in enumerate(self.local_shards)]
+    return jnp.concatenate(rows, axis=1)
 
   def train_batch(self, step: int):
     epoch, i = divmod(step, self.steps_per_epoch)
