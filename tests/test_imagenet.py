@@ -125,10 +125,11 @@ def test_command_line(data_dir, tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "done: best eval accuracy" in run.stdout
-  run = subprocess.run(
-      [sys.executable, "-m", "experiments.imagenet",
-       "--config=experiments/configs/fda_resnet18_imagenet.py", f"--workdir={workdir}2",
-       "--config.dataset=no_such_dataset", f"--config.data_dir={data_dir}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert run.returncode == 1 and run.stderr.strip().splitlines()[-1].startswith("error: ")
-  assert "no_such_dataset" in run.stderr and not os.path.exists(workdir + "2")
+
+
+def test_unknown_streamed_dataset_stops_with_one_line(data_dir, tmp_path):
+  c = tiny_variant(CONFIGS["fda resnet18"], data_dir, dataset="no_such_dataset")
+  with pytest.raises(ValueError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert "no_such_dataset" in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "run").exists()
