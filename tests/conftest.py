@@ -3,12 +3,21 @@
 Every test sees `jax.devices()` of length 8, so shard_map and the with_pmap
 chex variant run over a real named axis on a CPU-only machine.
 
+The suite runs on two pytest-xdist workers, a test file per worker
+(pyproject.toml's addopts; `-n 0` runs it in one process): XLA:CPU compiles on
+one thread, so two workers keep a 2-core machine busy where one process used
+about 1.1 cores.
+
 Compiled programs go to a persistent compilation cache in a fresh temporary
-folder for this session only: tests that build the same model and step
-(several training runs of the tiny model) compile it once, while a cold run
-still pays every first compile, so the suite's time stays honest.
+folder for this session only, shared by its workers (the process that loads
+this file first creates it, passes it on in the environment and removes it at
+exit): tests that build the same model and step (several training runs of the
+tiny model) compile it once, while a cold run still pays every first compile,
+so the suite's time stays honest.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = " ".join(
@@ -20,6 +29,10 @@ import jax  # noqa: E402  (after the flags above)
 
 assert jax.device_count() == 8, "conftest must run before anything initialises JAX"
 
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fda_biper_jax_xla_"))
+_CACHE_VAR = "FDA_BIPER_JAX_TEST_XLA_CACHE"
+if _CACHE_VAR not in os.environ:  # the first process of the session: xdist's controller
+  os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="fda_biper_jax_xla_")
+  atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
