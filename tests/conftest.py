@@ -36,3 +36,16 @@ if _CACHE_VAR not in os.environ:  # the first process of the session: xdist's co
 jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# The longest test files (about 1-2 minutes each on 2 cores) run first, so
+# the short ones fill in at the end and both workers finish together;
+# alphabetically test_train.py came last and ran alone for over a minute.
+_LONGEST_FIRST = ("test_train.py", "test_imagenet.py", "test_models.py", "test_export.py",
+                  "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    name = item.path.name
+    return _LONGEST_FIRST.index(name) if name in _LONGEST_FIRST else len(_LONGEST_FIRST)
+  items.sort(key=rank)  # stable: the order within a file is kept
