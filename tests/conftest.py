@@ -6,7 +6,7 @@ chex variant run over a real named axis on a CPU-only machine.
 The suite runs on two pytest-xdist workers, a test file per worker
 (pyproject.toml's addopts; `-n 0` runs it in one process): XLA:CPU compiles on
 one thread, so two workers keep a 2-core machine busy where one process used
-about 1.1 cores.
+about 1.2 cores.
 
 Compiled programs go to a persistent compilation cache in a fresh temporary
 folder for this session only, shared by its workers (the process that loads
