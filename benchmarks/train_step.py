@@ -9,7 +9,7 @@ Each configuration is a training run's own: its config comes from
 `experiments/configs/recipes.py` (`full_precision` for the identity twin, the
 straight-through `baseline`s ste, approx_sign and bnn_pp, `fda` with and
 without its noise adaptation modules, `biper` stage 2), with only the data
-(`train.load_data` on synthetic images of the model's input shape), the batch
+(`inputs.create` on synthetic images of the model's input shape), the batch
 size, the compute dtype and the devices replaced. The step is
 `train.make_train_step` (augmentation, model, loss, regulariser, SGD and
 schedules) on the global uint8 batch `parallel.host_batch_gatherer` draws, as

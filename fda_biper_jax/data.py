@@ -7,10 +7,10 @@ Design
   [N, H, W, C], labels int32 [N]. With `process_count > 1` each host reads only its
   own shard (`tfds.even_splits(..., drop_remainder=True)`: disjoint, equal-sized,
   covering the split up to a remainder of fewer than `process_count` examples).
-* `put_on_device` / `load_dataset` put a split on device once (a `Dataset` pytree).
-  Shuffling (`epoch_permutation`), random crops and flips (`augment`) and
-  normalisation (`normalize`) are jit-able jax.random / jnp functions, so the input
-  pipeline runs on device and never limits step time.
+* The trainer holds a split on device once (`inputs.InMemory`). Shuffling
+  (`epoch_permutation`), random crops and flips (`augment`) and normalisation
+  (`normalize`) are jit-able jax.random / jnp functions, so the input pipeline
+  runs on device and never limits step time.
 * `synthetic` makes learnable data (class templates + noise) for tests and quick
   runs with no files at all.
 
@@ -90,9 +90,6 @@ __all__ = [
     "epoch_permutation",
     "synthetic",
     "synthetic_info",
-    "Dataset",
-    "put_on_device",
-    "load_dataset",
     "FASHION_MNIST_DEBIAN_DIR",
     "DataUnavailableError",
 ]
@@ -457,75 +454,6 @@ def load(
 
 
 # ----------------------------------------------------------------------------- on device
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-  """One split held on device: images uint8 [N,H,W,C], labels int32 [N], and its info.
-
-  A pytree (images and labels are leaves, info is static), so it can be passed to
-  jitted functions; index it with a row of `epoch_permutation`.
-  """
-
-  images: jax.Array
-  labels: jax.Array
-  info: DatasetInfo
-
-  @property
-  def num_classes(self) -> int:
-    return self.info.num_classes
-
-  @property
-  def num_examples(self) -> int:
-    return int(self.labels.shape[0])
-
-  def __len__(self) -> int:
-    return self.num_examples
-
-  def batch(self, indices: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(images, labels) at `indices` (e.g. one row of epoch_permutation)."""
-    return self.images[indices], self.labels[indices]
-
-
-jax.tree_util.register_dataclass(Dataset, data_fields=["images", "labels"], meta_fields=["info"])
-
-
-def put_on_device(
-    split: tuple[np.ndarray, np.ndarray],
-    info: DatasetInfo,
-    *,
-    sharding: jax.sharding.Sharding | jax.Device | None = None,
-) -> Dataset:
-  """Copy a (images, labels) split to device once. `sharding` as in jax.device_put
-  (None: the default device; e.g. NamedSharding(mesh, P()) replicates it)."""
-  images, labels = split
-  images = np.asarray(images, dtype=np.uint8)
-  labels = np.asarray(labels, dtype=np.int32)
-  if images.shape[0] != labels.shape[0]:
-    raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
-  return Dataset(jax.device_put(images, sharding), jax.device_put(labels, sharding), info)
-
-
-def load_dataset(
-    name: str,
-    split: str,
-    *,
-    data_dir: str | None = None,
-    manual_dir: str | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
-    sharding: jax.sharding.Sharding | jax.Device | None = None,
-) -> Dataset:
-  """`load` followed by `put_on_device` with `info(name)`."""
-  arrays = load(
-      name,
-      split,
-      data_dir=data_dir,
-      manual_dir=manual_dir,
-      process_index=process_index,
-      process_count=process_count,
-  )
-  return put_on_device(arrays, info(name), sharding=sharding)
 
 
 def normalize(images: jax.Array | np.ndarray, info: DatasetInfo) -> jax.Array:

@@ -100,14 +100,6 @@ def load_shards(config, split: str, shards, count: int):
       for i in shards]
 
 
-def load_data(config):
-  """(info, (train images, labels), (test images, labels)): this process's shards."""
-  index, procs = jax.process_index(), jax.process_count()
-  info, [train] = load_shards(config, "train", [index], procs)
-  _, [test] = load_shards(config, "test", [index], procs)
-  return info, train, test
-
-
 class InMemory:
   """This process's training shards on its devices; batches gathered there."""
 

@@ -206,7 +206,7 @@ def test_checkpoint_round_trip(tmp_path):
   packed = export.load(out)
   assert packed.header["model"] == models.config(model)
   assert tuple(packed.header["input_shape"]) == shape == tuple(config.synthetic.image_shape)
-  info, _, (images, _) = inputs.load_data(config)
+  info, [(images, _)] = inputs.load_shards(config, "test", [0], 1)
   _assert_same_logits(model, variables, packed, data.normalize(images, info))  # every test image
 
   cli = str(tmp_path / "cli.fbj")
