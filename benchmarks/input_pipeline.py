@@ -252,15 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--windows", type=summary.positive_int, default=5)
   p.add_argument("--window_batches", type=summary.positive_int, default=4)
   p.add_argument("--warmup_batches", type=summary.positive_int, default=2)
-  p.add_argument("--target", type=float, default=DEFAULT_TARGET,
+  p.add_argument("--target", type=summary.positive_float, default=DEFAULT_TARGET,
                  help="images/s a GPU step consumes, for the 'cores for' column")
   p.add_argument("--data_dir", default=None,
                  help="tfds data_dir for the synthetic dataset (default: a temporary one)")
   p.add_argument("--json", default="runs/benchmarks/input_pipeline.json",
                  help="where the results go as JSON")
   args = p.parse_args(argv)
-  if args.target <= 0:
-    p.error(f"--target={args.target} must be > 0")
 
   def measure():
     return run(num_images=args.num_images, num_eval_images=args.num_eval_images,

@@ -3,7 +3,14 @@
   python -m benchmarks.train_step [--models resnet20,resnet18_cifar,vgg_small]
       [--quantizers identity,ste,approx_sign,fda,fda_no_noise,biper,bnn_pp]
       [--batch_size 128] [--dtype float32|bfloat16] [--repeats 5] [--window_steps 5]
-      [--num_devices N] [--image_shape H,W,C] [--json runs/benchmarks/train_step.json]
+      [--num_devices N] [--image_shape H,W,C] [--peak_tflops T] [--peak_tbps B]
+      [--json runs/benchmarks/train_step.json]
+
+On one H100, the issue's measurement (resnet18_cifar with BiPer, batch 256,
+bfloat16; aim: 25,000 images/s or more):
+
+  python -m benchmarks.train_step --models resnet18_cifar --quantizers biper \
+      --batch_size 256 --dtype bfloat16
 
 Each configuration is a training run's own: its config comes from
 `experiments/configs/recipes.py` (`full_precision` for the identity twin, the
@@ -45,6 +52,15 @@ then step. Per configuration:
   `cost_analysis()` (per device, summed over the devices), is given beside
   it, with its transcendental operations (sin, cos, exp, ...), where the
   quantizers show;
+* of peak: model GFLOP/s per device over the device's peak FLOP/s (the
+  model FLOPs utilisation); roofline: the least time a step can take on one
+  device, XLA's FLOPs at the peak FLOP/s or XLA's bytes accessed at the peak
+  memory bandwidth, whichever is longer, and which one ('compute' or
+  'memory' bound): a step far above its roofline is limited by neither (by
+  launches, small kernels, the host). The peaks come from `DEVICE_PEAKS`
+  (data-sheet figures by `device_kind`: bf16, so for bfloat16 compute only)
+  or from `--peak_tflops` / `--peak_tbps`; n/a where neither gives them (on
+  CPU);
 * memory: XLA's buffer assignment of the compiled step (arguments + outputs +
   temporaries - donated aliases), on every backend. The device's own peak,
   `device.memory_stats()['peak_bytes_in_use']`, is a maximum over the whole
@@ -145,6 +161,7 @@ import functools
 import itertools
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -168,6 +185,55 @@ ACCELERATOR_TARGET = 1.05
 TARGETS = {"fda": 1.25}  # FDA with its noise modules, on every backend
 PIPELINE_TARGET = 10.0   # pipeline images/s over the fastest step's, at least
 MIB = 2 ** 20
+
+# Per-device peaks (bf16 dense TFLOP/s, memory TB/s), matched in order by a search of
+# `device.device_kind`. Written out because no library in the stack knows them.
+# NVIDIA: the data sheets list bf16 Tensor Core FLOP/s with 2:4 sparsity; a dense
+# product gets half. Google Cloud's TPU pages: per chip, which is one JAX device
+# from v4 on; a TPU v2 / v3 device is one of a chip's two cores, so half a chip.
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    (r"H100 PCIe", 756.0, 2.0),
+    (r"H100 NVL", 835.0, 3.9),
+    (r"H100", 989.4, 3.35),        # SXM5, device_kind "NVIDIA H100 80GB HBM3"
+    (r"H200 NVL", 835.0, 4.8),
+    (r"H200", 989.4, 4.8),         # SXM
+    (r"A100-SXM4-80GB", 312.0, 2.039),
+    (r"A100 80GB PCIe", 312.0, 1.935),
+    (r"A100", 312.0, 1.555),       # 40 GB
+    (r"^TPU v2$", 22.5, 0.35),
+    (r"^TPU v3$", 61.5, 0.45),
+    (r"^TPU v4$", 275.0, 1.2),
+    (r"^TPU v5 lite$", 197.0, 0.819),  # v5e
+    (r"^TPU v5p?$", 459.0, 2.765),     # v5p
+    (r"^TPU v6 lite$", 918.0, 1.64),   # v6e (Trillium)
+)
+
+
+def device_peak(device_kind: str, dtype: str, *, tflops: float | None = None,
+                tbps: float | None = None) -> dict[str, Any]:
+  """The device's peak FLOP/s and memory bandwidth, from `DEVICE_PEAKS` or the flags.
+
+  The table's FLOP/s is the bf16 peak, so it is used for bfloat16 compute only
+  (a float32 product's peak depends on TF32 and XLA's precision settings);
+  `tflops` / `tbps` override it or give what the table lacks. None: unknown.
+  """
+  row = next((r for r in DEVICE_PEAKS if re.search(r[0], device_kind)), None)
+  if tflops is None and row is not None and dtype == "bfloat16":
+    tflops = row[1]
+  if tbps is None and row is not None:
+    tbps = row[2]
+  return {"tflops": tflops, "tbps": tbps, "table_entry": None if row is None else row[0]}
+
+
+def roofline(flops: float | None, bytes_accessed: float | None,
+             peak: dict[str, Any]) -> tuple[float | None, str | None]:
+  """(seconds, 'compute' | 'memory'): the least time one device needs for XLA's count
+  of its step's FLOPs and bytes at the device's peaks; (None, None) if a peak or a
+  count is unknown."""
+  if None in (flops, bytes_accessed, peak["tflops"], peak["tbps"]):
+    return None, None
+  compute, memory = flops / (1e12 * peak["tflops"]), bytes_accessed / (1e12 * peak["tbps"])
+  return max(compute, memory), "compute" if compute >= memory else "memory"
 
 
 def _fda_without_noise(model: str):
@@ -311,8 +377,10 @@ def time_interleaved(cases: Sequence[Case], repeats: int, window_steps: int
 
 def benchmark_model(model: str, quantizers: Sequence[str], mesh, *, batch_size: int,
                     dtype: str, image_shape: Sequence[int] | None, repeats: int,
-                    window_steps: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """(rows, pipeline) of one model: every quantizer's step and the input pipeline."""
+                    window_steps: int, peak: dict[str, Any]
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """(rows, pipeline) of one model: every quantizer's step and the input pipeline;
+  `peak` is `device_peak`'s for the mesh's devices."""
   shape = tuple(image_shape or summary.default_input_shape(model))
   configs = {q: benchmark_config(model, q, batch_size=batch_size, dtype=dtype,
                                  image_shape=shape) for q in quantizers}
@@ -333,6 +401,11 @@ def benchmark_model(model: str, quantizers: Sequence[str], mesh, *, batch_size: 
     # Host CPU time is the step's work on the CPU backend only.
     cpu_ratio = paired(cpu, case.name, REFERENCE) if backend == "cpu" else None
     bound = target(case.name, backend)
+    per_device = {k: None if case.measured[k] is None else case.measured[k] / mesh.size
+                  for k in ("xla_flops_per_step", "xla_bytes_accessed_per_step")}
+    floor, limit = roofline(per_device["xla_flops_per_step"],
+                            per_device["xla_bytes_accessed_per_step"], peak)
+    flops_per_s = case.measured["model_flops_per_step"] / t
     rows.append({
         "model": model, "quantizer": case.name, "image_shape": list(shape),
         "batch_size": batch_size, **case.measured,
@@ -341,7 +414,10 @@ def benchmark_model(model: str, quantizers: Sequence[str], mesh, *, batch_size: 
         "ratio_to_fp": ratio, "cpu_ratio_to_fp": cpu_ratio, "target": bound,
         "within_target": None if bound is None else ratio <= bound,
         "cpu_within_target": None if bound is None or cpu_ratio is None else cpu_ratio <= bound,
-        "model_flops_per_s": case.measured["model_flops_per_step"] / t,
+        "model_flops_per_s": flops_per_s,
+        "peak_flops_share": None if peak["tflops"] is None
+                            else flops_per_s / mesh.size / (1e12 * peak["tflops"]),
+        "roofline_s": floor, "roofline_bound": limit,
         "input_share": paired(wall, "pipeline", case.name)})
   fastest = max(r["images_per_s"] for r in rows)
   speedup = batch_size / times["pipeline"] / fastest
@@ -362,18 +438,24 @@ def device_peak_bytes(mesh) -> int | None:
 def run(model_names: Sequence[str], quantizers: Sequence[str], *, batch_size: int = 128,
         dtype: str = "float32", repeats: int = 5, window_steps: int = 5,
         num_devices: int | None = None, image_shape: Sequence[int] | None = None,
+        peak_tflops: float | None = None, peak_tbps: float | None = None,
         command: str = "") -> dict[str, Any]:
-  """Measures every model with every quantizer (and the identity twin); returns the results."""
+  """Measures every model with every quantizer (and the identity twin); returns the results.
+
+  `peak_tflops` / `peak_tbps`: one device's peak FLOP/s (of the compute dtype) and
+  memory bandwidth, where `DEVICE_PEAKS` lacks them or to override it."""
   mesh = parallel.make_mesh(num_devices)
+  device = mesh.devices.flat[0]
+  peak = device_peak(device.device_kind, dtype, tflops=peak_tflops, tbps=peak_tbps)
   quantizers = [REFERENCE, *(q for q in quantizers if q != REFERENCE)]
   load = os.getloadavg()
   rows, pipelines = [], []
   for name in model_names:
     r, p = benchmark_model(name, quantizers, mesh, batch_size=batch_size, dtype=dtype,
-                           image_shape=image_shape, repeats=repeats, window_steps=window_steps)
+                           image_shape=image_shape, repeats=repeats, window_steps=window_steps,
+                           peak=peak)
     rows += r
     pipelines.append(p)
-  device = mesh.devices.flat[0]
   return {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -384,7 +466,7 @@ def run(model_names: Sequence[str], quantizers: Sequence[str], *, batch_size: in
                    "batch_size": batch_size, "dtype": dtype, "repeats": repeats,
                    "window_steps": window_steps, "warmup_steps": 1,
                    "image_shape": None if image_shape is None else list(image_shape)},
-      "device_peak_bytes": device_peak_bytes(mesh),
+      "device_peak_bytes": device_peak_bytes(mesh), "peak": peak,
       "rows": rows, "pipeline": pipelines}
 
 
@@ -395,7 +477,7 @@ def _fmt(value, spec: str, scale: float = 1.0, unit: str = "") -> str:
 def format_table(results: dict[str, Any]) -> str:
   """Markdown: the header, the step table, the input pipeline table and the notes."""
   s = results["settings"]
-  peak = results["device_peak_bytes"]
+  peak_bytes, peak = results["device_peak_bytes"], results["peak"]
   lines = [
       f"Training step, {results['date']}: {results['machine']}; {results['num_devices']} x "
       f"{results['device']} ({results['backend']}); JAX {results['jax']}, "
@@ -406,9 +488,9 @@ def format_table(results: dict[str, Any]) -> str:
       "Timings on a shared machine are noisy: compare the ratios, measured in the same "
       "windows, rather than the absolute times.", "",
       "| model | quantizer | compile (s) | step (ms) | images/s | vs FP | CPU ms/step "
-      "| vs FP (CPU time) | target | model GFLOP/s | XLA GFLOP/step | transcendentals/step "
-      "| XLA memory (MiB) | input share |",
-      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+      "| vs FP (CPU time) | target | model GFLOP/s | of peak | XLA GFLOP/step "
+      "| transcendentals/step | roofline (ms) | XLA memory (MiB) | input share |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results["rows"]:
     bound = "reference"
     if r["target"] is not None:
@@ -421,8 +503,11 @@ def format_table(results: dict[str, Any]) -> str:
         f"| {1e3 * r['step_s']:.1f} | {r['images_per_s']:,.1f} | {r['ratio_to_fp']:.2f}x "
         f"| {1e3 * r['cpu_s']:.1f} | {_fmt(r['cpu_ratio_to_fp'], '.2f', unit='x')} "
         f"| {bound} | {r['model_flops_per_s'] / 1e9:.1f} "
+        f"| {_fmt(r['peak_flops_share'], '.1f', 100, '%')} "
         f"| {_fmt(r['xla_flops_per_step'], '.3g', 1e-9)} "
         f"| {_fmt(r['xla_transcendentals_per_step'], '.3g')} "
+        f"| {_fmt(r['roofline_s'], '.2f', 1e3)}"
+        f"{'' if r['roofline_bound'] is None else ' ' + r['roofline_bound']} "
         f"| {_fmt(r['xla_memory_bytes'], ',.1f', 1 / MIB)} | {100 * r['input_share']:.1f}% |")
   lines += ["", "| model | image shape | input pipeline (ms/batch) | pipeline images/s "
             "| fastest step images/s | pipeline / step | target |", "|---|---|---|---|---|---|---|"]
@@ -437,9 +522,18 @@ def format_table(results: dict[str, Any]) -> str:
             "transcendentals/step: XLA's count of the compiled program, summed over the "
             "devices; XLA memory: arguments + outputs + temporaries - donated, per device. "
             "Input share: gather + augment + normalize alone, over a full step. CPU ms/step: this "
-            "process's CPU time (all threads), robust to other processes' load.",
+            "process's CPU time (all threads), robust to other processes' load. "
+            "Of peak: model GFLOP/s per device over the device's peak, "
+            + (f"{peak['tflops']:g} TFLOP/s" if peak["tflops"] is not None else "unknown here")
+            + "; roofline: the least time per step of XLA's FLOPs and bytes per device at the "
+            "peak FLOP/s and "
+            + (f"{peak['tbps']:g} TB/s" if peak["tbps"] is not None else "a bandwidth unknown here")
+            + ", and which of the two bounds it ("
+            + (f"`DEVICE_PEAKS` entry {peak['table_entry']!r}" if peak["table_entry"] else
+               "no `DEVICE_PEAKS` entry for this device")
+            + "; `--peak_tflops` / `--peak_tbps` give or override them).",
             "Peak device memory (`device.memory_stats()`): "
-            + (f"{peak / MIB:,.0f} MiB over the whole run." if peak is not None else
+            + (f"{peak_bytes / MIB:,.0f} MiB over the whole run." if peak_bytes is not None else
                f"not reported by the {results['backend']} backend (memory_stats() is None).")]
   return "\n".join(lines)
 
@@ -473,6 +567,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--image_shape", type=summary.parse_shape, default=None,
                  help="H,W,C for every model (default: each model's own, "
                       "224x224x3 for the ImageNet models, else 32x32x3)")
+  p.add_argument("--peak_tflops", type=summary.positive_float, default=None,
+                 help="one device's peak TFLOP/s in the compute dtype (default: "
+                      "DEVICE_PEAKS' bf16 figure for bfloat16 compute)")
+  p.add_argument("--peak_tbps", type=summary.positive_float, default=None,
+                 help="one device's memory bandwidth in TB/s (default: DEVICE_PEAKS')")
   p.add_argument("--json", default="runs/benchmarks/train_step.json",
                  help="where the results go as JSON")
   args = p.parse_args(argv)
@@ -481,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args.models, args.quantizers, batch_size=args.batch_size, dtype=args.dtype,
                repeats=args.repeats, window_steps=args.window_steps,
                num_devices=args.num_devices, image_shape=args.image_shape,
-               command=f"{p.prog} {shlex.join(argv)}".strip())
+               peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, command=f"{p.prog} {shlex.join(argv)}".strip())
 
   return run_and_report(p.prog, measure, format_table, args.json)
 

@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import sys
 from typing import Any, Sequence
 
@@ -423,6 +424,16 @@ def positive_int(text: str) -> int:
   if n <= 0:
     raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
   return n
+
+
+def positive_float(text: str) -> float:
+  try:
+    x = float(text)
+  except ValueError:
+    x = math.nan
+  if not x > 0 or math.isinf(x):
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+  return x
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import train_step
 
 ROW_KEYS = {"model", "quantizer", "image_shape", "batch_size", "quantization", "compute_dtype",
@@ -9,7 +11,8 @@ ROW_KEYS = {"model", "quantizer", "image_shape", "batch_size", "quantization", "
             "cpu_s_windows", "ratio_to_fp", "cpu_ratio_to_fp", "target", "within_target",
             "cpu_within_target", "model_macs_per_example", "model_flops_per_step",
             "model_flops_per_s", "xla_flops_per_step", "xla_transcendentals_per_step",
-            "xla_bytes_accessed_per_step", "xla_memory_bytes", "input_share"}
+            "xla_bytes_accessed_per_step", "xla_memory_bytes", "input_share",
+            "peak_flops_share", "roofline_s", "roofline_bound"}
 PIPELINE_KEYS = {"model", "image_shape", "batch_size", "batch_s", "images_per_s",
                  "fastest_step_images_per_s", "speedup_over_step", "target", "within_target"}
 
@@ -17,18 +20,26 @@ PIPELINE_KEYS = {"model", "image_shape", "batch_size", "batch_s", "images_per_s"
 def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
   path = tmp_path / "train_step.json"
   argv = ["--models", "tiny_cnn", "--quantizers", "biper", "--image_shape", "8,8,3",
-          "--batch_size", "16", "--repeats", "1", "--window_steps", "2", "--json", str(path)]
+          "--batch_size", "16", "--repeats", "1", "--window_steps", "2",
+          "--peak_tflops", "0.5", "--peak_tbps", "0.01", "--json", str(path)]
   assert train_step.main(argv) == 0
 
   results = json.loads(path.read_text())
   assert {"date", "machine", "backend", "device", "num_devices", "jax", "flax", "command",
-          "settings", "device_peak_bytes", "rows", "pipeline"} <= set(results)
+          "settings", "device_peak_bytes", "peak", "rows", "pipeline"} <= set(results)
+  assert results["peak"] == {"tflops": 0.5, "tbps": 0.01, "table_entry": None}
   assert results["num_devices"] == 8 and results["command"].endswith(" ".join(argv))
   rows = {r["quantizer"]: r for r in results["rows"]}
   assert list(rows) == ["identity", "biper"]  # the twin is always measured, first
   for r in rows.values():
     assert set(r) == ROW_KEYS
     assert r["step_s"] > 0 and r["images_per_s"] > 0 and r["xla_flops_per_step"] > 0
+    # Per device (8 here), against the peaks given on the command line.
+    assert r["peak_flops_share"] == pytest.approx(r["model_flops_per_s"] / 8 / 0.5e12)
+    compute = r["xla_flops_per_step"] / 8 / 0.5e12
+    memory = r["xla_bytes_accessed_per_step"] / 8 / 0.01e12
+    assert r["roofline_s"] == pytest.approx(max(compute, memory))
+    assert r["roofline_bound"] == ("compute" if compute >= memory else "memory")
   assert rows["identity"]["ratio_to_fp"] == rows["identity"]["cpu_ratio_to_fp"] == 1.0
   assert rows["identity"]["target"] is None
   assert rows["biper"]["target"] == train_step.CPU_TARGET
@@ -44,7 +55,49 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
       ["| tiny_cnn", "identity"], ["| tiny_cnn", "biper"]]
   assert all(line.count("|") == columns for line in lines[header + 2:header + 4])
   assert any(line.startswith("| tiny_cnn | 8x8x3 |") for line in lines)
-  assert "not reported by the cpu backend" in "\n".join(lines)
+  text = "\n".join(lines)
+  assert "not reported by the cpu backend" in text
+  assert "0.5 TFLOP/s" in text and "0.01 TB/s" in text
+  biper = lines[header + 3].split(" | ")
+  assert biper[10] == f"{100 * rows['biper']['peak_flops_share']:.1f}%"
+  assert biper[13] == f"{1e3 * rows['biper']['roofline_s']:.2f} {rows['biper']['roofline_bound']}"
+
+
+@pytest.mark.parametrize("kind, dtype, expected", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", (989.4, 3.35)),   # SXM5
+    ("NVIDIA H100 PCIe", "bfloat16", (756.0, 2.0)),
+    ("NVIDIA H200", "bfloat16", (989.4, 4.8)),
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", (312.0, 1.555)),
+    ("TPU v5 lite", "bfloat16", (197.0, 0.819)),
+    ("TPU v5", "bfloat16", (459.0, 2.765)),
+    ("TPU v6 lite", "bfloat16", (918.0, 1.64)),
+    ("NVIDIA H100 80GB HBM3", "float32", (None, 3.35)),     # the table holds bf16 peaks only
+    ("cpu", "bfloat16", (None, None)),
+])
+def test_device_peak_looks_up_the_device_kind(kind, dtype, expected):
+  peak = train_step.device_peak(kind, dtype)
+  assert (peak["tflops"], peak["tbps"]) == expected
+  assert (peak["table_entry"] is None) == (kind == "cpu")
+
+
+def test_device_peak_flags_override_the_table_and_roofline_names_the_bound():
+  peak = train_step.device_peak("NVIDIA H100 80GB HBM3", "float32", tflops=400.0)
+  assert (peak["tflops"], peak["tbps"]) == (400.0, 3.35)
+  assert train_step.device_peak("cpu", "float32", tflops=1.0, tbps=0.1)["tbps"] == 0.1
+  assert train_step.roofline(4e12, 1e9, peak) == (pytest.approx(0.01), "compute")
+  assert train_step.roofline(4e9, 3.35e12, peak) == (pytest.approx(1.0), "memory")
+  assert train_step.roofline(4e9, None, peak) == (None, None)
+  assert train_step.roofline(4e9, 1e9, train_step.device_peak("cpu", "bfloat16")) == (None, None)
+
+
+@pytest.mark.parametrize("flag", ["--peak_tflops", "--peak_tbps"])
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "fast"])
+def test_bad_peak_is_one_line_error_before_any_work(flag, value, capsys):
+  with pytest.raises(SystemExit) as e:
+    train_step.main([flag, value])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert f"{value!r} is not a positive finite number" in err and flag in err
 
 
 INPUT_ROW_KEYS = {"mode", "dtype", "batch_size", "images_per_s", "images_per_s_windows",

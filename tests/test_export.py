@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -244,7 +245,7 @@ def _resave(packed, header=None, arrays=None):
 def test_valid_file_loads_from_disk(tmp_path, tiny_file):
   path = str(tmp_path / "net.fbj")
   export.save(export.from_bytes(tiny_file), path)
-  assert open(path, "rb").read() == tiny_file
+  assert pathlib.Path(path).read_bytes() == tiny_file
   assert json.loads(tiny_file[48:48 + int.from_bytes(tiny_file[8:16], "little")])["version"] == 1
 
 
@@ -335,7 +336,7 @@ def test_benchmark_writes_a_well_formed_table(tmp_path, capsys):
   assert lines[2].startswith("| cpu | tiny_cnn | 3 |") and lines[2].count("|") == 9
   assert lines[4].startswith("| model |") and lines[6].startswith("| tiny_cnn | ")
   assert lines[6].count("|") == 5 and "| 1/" in lines[6]
-  results = json.load(open(out))
+  results = json.loads(pathlib.Path(out).read_text())
   assert [r["batch"] for r in results["rows"]] == [3]
   for r in results["rows"]:
     assert r["predictions_agree"] and r["float_ms"] > 0 and r["packed_ms"] > 0

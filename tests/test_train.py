@@ -147,14 +147,16 @@ def test_kill_9_loses_at_most_n_steps_and_resumes_exactly(tmp_path):
   cmd = [sys.executable, "-m", "experiments.cifar", "--config=experiments/configs/tiny.py",
          f"--workdir={wd}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir}
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  stderr = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the run
+  with open(stderr, "wb") as err:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
   logged = 0
   deadline = time.time() + 120
   while logged < 40 and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)
     if os.path.exists(os.path.join(wd, "metrics.jsonl")):
       logged = max([r["step"] for r in records(wd)] or [0])
-  assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+  assert proc.poll() is None, f"run ended before the kill: {stderr.read_text()[-2000:]}"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   logged = max(r["step"] for r in records(wd))
