@@ -70,7 +70,10 @@ class NoiseAdapter(nn.Module):
     init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
     w1 = self.param("w1", init, (d, h), jnp.float32)
     w2 = self.param("w2", init, (h, d), jnp.float32)
-    e = jnp.dot(nn.relu(jnp.dot(t, w1.astype(t.dtype))), w2.astype(t.dtype))
+    # As one [pixels, d] matrix: XLA:CPU runs these thin products 1.4-2x faster
+    # (forward and backward, same values) than on t's [B, H, W, d] directly.
+    rows = t.reshape(-1, d)
+    e = jnp.dot(nn.relu(jnp.dot(rows, w1.astype(t.dtype))), w2.astype(t.dtype)).reshape(t.shape)
     if self.shortcut == "sin":
       # `vsin`: XLA:CPU's jnp.sin (and its gradient's cos) is a scalar libm call per element.
       e = e + self.a * vsin(t)
