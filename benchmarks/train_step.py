@@ -136,21 +136,33 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   biper 0.98 / 1.12, 1.01 / 1.16; fda (noise) 1.20 / 1.29, 1.19 / 1.28.
   Before (same command, the previous commit): 0.99 / 0.98, 1.00 / 0.98,
   1.03 / 1.08, 1.17 / 1.20, 1.06 / 1.08, 0.95 / 0.94.
-* Still over target: biper in CPU time (1.12x and 1.16x in the two runs,
-  1.09-1.16x over every variant tried; wall 0.93-1.01x): the prenorm's passes
+* FDA's noise modules: their thin products (d -> max(d / 64, 4) -> d per
+  pixel) ran on the [B, H, W, d] activation; on the same values reshaped to
+  one [pixels, d] matrix XLA:CPU runs them 1.4-2x faster, forward and
+  backward, in float32 (6.1 -> 4.3 ms at [128, 32, 32, 16], 3.0 -> 1.4 ms at
+  [128, 16, 16, 32], 1.55 -> 0.74 ms at [128, 8, 8, 64]; bf16 unchanged).
+  Elementwise forms (broadcast products summed over d or over the hidden
+  width) were 2-20x slower. resnet20 fda (noise): 1.19-1.20 / 1.28-1.29 ->
+  1.13 / 1.16 and 1.16 / 1.19 (two runs of 9 windows).
+* biper in CPU time stays at the edge (1.09 and 1.12 in those two runs,
+  1.08-1.16 over every measurement; wall 0.93-1.01x): the prenorm's passes
   (the mean, x - mean stored for the variance, sign(x / std), the backward's
   stored h and its sum), about ten activation-sized memory passes per binary
   layer that the twin does not make, 8-10% of a step now 35% shorter; and
   1.3e6 libm sines and cosines of the weights (`vsin` is not used there: its
   value depends on whether XLA contracts omega0 W into an FMA: gradients 4e-5 apart
   between two compilations, and sign(sin(omega0 W)) must hold for any |W|).
-  FDA with its noise modules in CPU time (1.28-1.29x, 1.26-1.32x over all
-  runs; wall 1.16-1.21x, within 1.25x): the modules' own per-pixel matmuls (C
-  -> max(C / 64, 4) -> C) and the transposed copies XLA makes for their weight
-  gradients, method work that the faster twin now shows at a larger ratio
-  (0.94-0.95x before, of a twin that spent half its step recomputing its
-  inputs).
-* The input pipeline delivers 720x the images/s a step consumes.
+  A fused custom_vjp of prenorm and a sign-valued quantizer (forward sign(x),
+  equal to sign(x / std); the statistics computed in the backward only)
+  measured 1.04, 1.15, 1.11 against 1.11, 1.11, 1.08 without: no gain above
+  the noise, not kept.
+* bfloat16 on CPU (two runs of 11 windows, which agree): fda (noise)
+  1.32-1.35 / 1.27-1.31, over 1.25x; biper 1.09 / 1.12; the rest within.
+  Profiled (`jax.profiler.trace`, thread time summed over XLA's two
+  workers): fda's step has 16% more thread time than the twin's but 35%
+  more wall time; the extra is short operations (the modules' products,
+  bf16 <-> f32 conversions, stored operands) that wait on each other.
+* The input pipeline delivers 450-720x the images/s a step consumes.
 """
 
 from __future__ import annotations
