@@ -237,14 +237,15 @@ def device_peak(device_kind: str, dtype: str, *, tflops: float | None = None,
   return {"tflops": tflops, "tbps": tbps, "table_entry": None if row is None else row[0]}
 
 
-def roofline(flops: float | None, bytes_accessed: float | None,
-             peak: dict[str, Any]) -> tuple[float | None, str | None]:
-  """(seconds, 'compute' | 'memory'): the least time one device needs for XLA's count
-  of its step's FLOPs and bytes at the device's peaks; (None, None) if a peak or a
-  count is unknown."""
+def roofline(flops: float | None, bytes_accessed: float | None, peak: dict[str, Any],
+             num_devices: int = 1) -> tuple[float | None, str | None]:
+  """(seconds, 'compute' | 'memory'): the least time a step needs for XLA's count of
+  its FLOPs and bytes (summed over `num_devices` devices sharing them equally) at one
+  device's peaks; (None, None) if a peak or a count is unknown."""
   if None in (flops, bytes_accessed, peak["tflops"], peak["tbps"]):
     return None, None
-  compute, memory = flops / (1e12 * peak["tflops"]), bytes_accessed / (1e12 * peak["tbps"])
+  compute = flops / num_devices / (1e12 * peak["tflops"])
+  memory = bytes_accessed / num_devices / (1e12 * peak["tbps"])
   return max(compute, memory), "compute" if compute >= memory else "memory"
 
 
@@ -413,10 +414,8 @@ def benchmark_model(model: str, quantizers: Sequence[str], mesh, *, batch_size: 
     # Host CPU time is the step's work on the CPU backend only.
     cpu_ratio = paired(cpu, case.name, REFERENCE) if backend == "cpu" else None
     bound = target(case.name, backend)
-    per_device = {k: None if case.measured[k] is None else case.measured[k] / mesh.size
-                  for k in ("xla_flops_per_step", "xla_bytes_accessed_per_step")}
-    floor, limit = roofline(per_device["xla_flops_per_step"],
-                            per_device["xla_bytes_accessed_per_step"], peak)
+    floor, limit = roofline(case.measured["xla_flops_per_step"],
+                            case.measured["xla_bytes_accessed_per_step"], peak, mesh.size)
     flops_per_s = case.measured["model_flops_per_step"] / t
     rows.append({
         "model": model, "quantizer": case.name, "image_shape": list(shape),

@@ -86,6 +86,7 @@ def test_device_peak_flags_override_the_table_and_roofline_names_the_bound():
   assert train_step.device_peak("cpu", "float32", tflops=1.0, tbps=0.1)["tbps"] == 0.1
   assert train_step.roofline(4e12, 1e9, peak) == (pytest.approx(0.01), "compute")
   assert train_step.roofline(4e9, 3.35e12, peak) == (pytest.approx(1.0), "memory")
+  assert train_step.roofline(8e12, 2e9, peak, num_devices=2) == (pytest.approx(0.01), "compute")
   assert train_step.roofline(4e9, None, peak) == (None, None)
   assert train_step.roofline(4e9, 1e9, train_step.device_peak("cpu", "bfloat16")) == (None, None)
 
