@@ -139,10 +139,11 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
 * FDA's noise modules: their thin products (d -> max(d / 64, 4) -> d per
   pixel) ran on the [B, H, W, d] activation; on the same values reshaped to
   one [pixels, d] matrix XLA:CPU runs them 1.4-2x faster, forward and
-  backward, in float32 (6.1 -> 4.3 ms at [128, 32, 32, 16], 3.0 -> 1.4 ms at
+  backward, in float32 (one-off timings of jax.grad of the products, hidden
+  width 4: 6.1 -> 4.3 ms at [128, 32, 32, 16], 3.0 -> 1.4 ms at
   [128, 16, 16, 32], 1.55 -> 0.74 ms at [128, 8, 8, 64]; bf16 unchanged).
   Elementwise forms (broadcast products summed over d or over the hidden
-  width) were 2-20x slower. resnet20 fda (noise): 1.19-1.20 / 1.28-1.29 ->
+  width) were 2-18x slower in float32 and 10-100x in bfloat16. resnet20 fda (noise): 1.19-1.20 / 1.28-1.29 ->
   1.13 / 1.16 and 1.16 / 1.19 (two runs of 9 windows).
 * biper in CPU time stays at the edge (1.09 and 1.12 in those two runs,
   1.08-1.16 over every measurement; wall 0.93-1.01x): the prenorm's passes
@@ -155,13 +156,16 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   A fused custom_vjp of prenorm and a sign-valued quantizer (forward sign(x),
   equal to sign(x / std); the statistics computed in the backward only)
   measured 1.04, 1.15, 1.11 against 1.11, 1.11, 1.08 without: no gain above
-  the noise, not kept.
+  the noise, not kept. Also worse, not kept: BiPer's prenormalised sign not
+  stored (CPU time 1.21, two runs); the layer input not stored ahead of the
+  noise modules (fda 1.20 / 1.23 in float32).
 * bfloat16 on CPU (two runs of 11 windows, which agree): fda (noise)
   1.32-1.35 / 1.27-1.31, over 1.25x; biper 1.09 / 1.12; the rest within.
-  Profiled (`jax.profiler.trace`, thread time summed over XLA's two
-  workers): fda's step has 16% more thread time than the twin's but 35%
-  more wall time; the extra is short operations (the modules' products,
-  bf16 <-> f32 conversions, stored operands) that wait on each other.
+  A one-off profile (`jax.profiler.trace` of `train_case`'s step, thread
+  time summed over XLA's two workers): fda's step had 16% more thread time
+  than the twin's (989 against 853 ms: products 18 ms, bf16 <-> f32
+  conversions about 50 ms, stored operands 43 ms) but 35% more wall time,
+  so these short operations seem to wait on each other.
 * The input pipeline delivers 450-720x the images/s a step consumes.
 """
 

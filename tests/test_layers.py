@@ -205,10 +205,11 @@ def test_hidden_width(d, k, m, expected):
   assert hidden_width(d, k, m) == expected
 
 
+@pytest.mark.parametrize("shape", [(3, 128), (2, 3, 4, 64)])  # kernel rows; activations, per pixel
 @pytest.mark.parametrize("shortcut", ["sin", "linear", "none"])
-def test_noise_adapter_formula(shortcut):
+def test_noise_adapter_formula(shortcut, shape):
   mod = NoiseAdapter(shortcut=shortcut, a=0.1)
-  t = jax.random.normal(jax.random.key(0), (3, 128))
+  t = jax.random.normal(jax.random.key(0), shape)
   v = mod.init(jax.random.key(1), t)
   assert set(v["params"]) == {"w1", "w2"}  # bias-free
   w1, w2 = v["params"]["w1"], v["params"]["w2"]
