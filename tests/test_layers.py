@@ -96,6 +96,22 @@ def test_latent_weights_stay_float32_and_bf16_compute_is_exact():
   assert y.dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("options", [
+    dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
+         prenorm=True),
+    dict(kernel_quantizer=FDA, input_quantizer=FDA, scaling="mean_abs", kernel_noise={},
+         input_noise={}),
+    dict(kernel_quantizer="bnn_pp", input_quantizer="bnn_pp")])
+def test_bf16_compute_keeps_operands_and_output_bf16_in_training(options):
+  """A float32 schedule value (alpha, beta) must not promote the bf16 operands."""
+  layer = layers.BinaryConv(4, dtype=jnp.bfloat16, **options)
+  sched = {**SCHED, "beta": jnp.float32(2.0)}
+  _, y, st = run(layer, X, train=True, schedule=sched)
+  assert y.dtype == jnp.bfloat16
+  assert st["intermediates"]["input"][0].dtype == jnp.bfloat16
+  assert st["intermediates"]["kernel"][0].dtype == jnp.bfloat16
+
+
 def test_regularizer_is_sown_for_biper_kernels_only():
   for kq, expected in [({"name": "biper", "omega0": 20.0}, True), ("ste", False)]:
     layer = layers.BinaryConv(4, kernel_quantizer=kq)
@@ -124,6 +140,23 @@ def test_noise_adaptation_in_training_and_pure_sign_in_eval():
                              atol=1e-6)
   _, st = layer.apply(v, X, train=False, mutable=["intermediates"])
   assert set(np.unique(sown(st, "kernel"))) == {-1.0, 1.0}
+
+
+def test_input_noise_in_bf16_compute_runs_in_float32_and_returns_bf16():
+  """sign(x) + alpha e(x) from the float32 value of the bf16 input, cast once to bf16."""
+  layer = layers.BinaryDense(4, input_quantizer=FDA, input_noise={}, dtype=jnp.bfloat16)
+  x = X.reshape(-1, 5)[:, :5] * 3.0
+  v = layer.init(jax.random.key(0), x)
+  _, st = layer.apply(v, x, train=True, schedule=SCHED, mutable=["intermediates"])
+  xb = x.astype(jnp.bfloat16).astype(jnp.float32)
+  e = NoiseAdapter(name=None).apply({"params": v["params"]["input_noise"]}, xb)
+  expected = (jnp.where(xb >= 0, 1.0, -1.0) + 0.05 * e).astype(jnp.bfloat16)
+  xq = st["intermediates"]["input"][0]
+  assert xq.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(xq, np.float32), np.asarray(expected, np.float32))
+  gx = jax.grad(lambda x: jnp.sum(layer.apply(v, x, train=True, schedule=SCHED)
+                                  .astype(jnp.float32)))(x.astype(jnp.bfloat16))
+  assert gx.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(gx)))
 
 
 def test_noise_modules_receive_gradients():
