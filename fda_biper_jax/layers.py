@@ -14,8 +14,8 @@ Training (`train=True`), for an operand t with quantizer q:
   flattened filter (FDA-BNN Eq. 13-14, `noise_adapter.NoiseAdapter`);
 * input: with `prenorm`, each sample is first divided by its own standard
   deviation over (H, W, C) (ReCU / BiPer: a / sqrt(var + 1e-5)); then q(a),
-  plus alpha e_A(a) per pixel across channels with noise adaptation (in
-  float32 whatever the compute dtype, then cast to it).
+  plus alpha e_A(a) per pixel across channels with noise adaptation (with
+  prenorm or noise, in float32 whatever the compute dtype, then cast to it).
 
 Schedule values (FDA `n_terms`, BNN++ `beta`, the noise weight `alpha`) come
 in through the `schedule` mapping at call time, as traced scalars, so a
@@ -242,20 +242,20 @@ class _BinaryOperands(nn.Module):
     noise = _noise_config(self.input_noise)
     if train:
       dtype = x.dtype
-      if noise is not None:
-        # q(x) + alpha e(x) in float32, cast to the compute dtype once. XLA:CPU runs
-        # 16-bit products in float32: the module's products and their gradients now
-        # read one stored float32 x instead of converting x and the gradients
-        # (bfloat16 resnet20 step, fda vs twin: 1.32 -> 1.15 wall time). A float32
-        # alpha also made the bf16 sum float32 before.
-        x = x.astype(jnp.float32)
       if self.prenorm or noise is not None:
-        x = materialize(x)  # read by reductions / the noise matmul as well
+        # q(prenorm(x)) + alpha e(x) in float32 from one stored float32 x, cast to the
+        # compute dtype once (a float32 alpha would otherwise promote the sum). XLA:CPU
+        # runs 16-bit products and reductions in float32: with 16-bit x they converted
+        # x and the gradients again in every pass. One-off A/B of bfloat16 resnet20
+        # steps against bfloat16 here (one process, 13 interleaved windows): fda 0.87x
+        # wall / 0.94x CPU time, biper 0.99x / 0.97x (benchmarks/train_step.py notes).
+        x = materialize(x.astype(jnp.float32))  # read by reductions / the noise matmul too
       if self.prenorm:
         x = prenormalize(x)
       y = q(x, **q.scheduled(schedule))
       if noise is not None:
-        y = (y + _alpha(schedule) * NoiseAdapter(**noise, name="input_noise")(x)).astype(dtype)
+        y = y + _alpha(schedule) * NoiseAdapter(**noise, name="input_noise")(x)
+      y = y.astype(dtype)
     else:
       if noise is not None and self.is_initializing():
         NoiseAdapter(**noise, name="input_noise")(x)
