@@ -159,13 +159,24 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   the noise, not kept. Also worse, not kept: BiPer's prenormalised sign not
   stored (CPU time 1.21, two runs); the layer input not stored ahead of the
   noise modules (fda 1.20 / 1.23 in float32).
-* bfloat16 on CPU (two runs of 11 windows, which agree): fda (noise)
+* bfloat16 on CPU: XLA:CPU runs bf16 convolutions, products and reductions
+  in float32 and converts around each (the twin's XLA memory is 420 MiB in
+  bf16 against 287 in float32; bf16 is no faster than float32 here). Up to
+  commit d26af49 (two runs of 11 windows, which agree): fda (noise)
   1.32-1.35 / 1.27-1.31, over 1.25x; biper 1.09 / 1.12; the rest within.
-  A one-off profile (`jax.profiler.trace` of `train_case`'s step, thread
-  time summed over XLA's two workers): fda's step had 16% more thread time
-  than the twin's (989 against 853 ms: products 18 ms, bf16 <-> f32
-  conversions about 50 ms, stored operands 43 ms) but 35% more wall time,
-  so these short operations seem to wait on each other.
+  The noise modules' products and the prenorm's reductions read the bf16
+  layer input, so x and the gradients were converted again in each pass;
+  and the float32 schedule value alpha promoted sign(x) + alpha e(x) to
+  float32, so FDA's binary convs with noise (and the layer output) ran in
+  float32 under bf16 compute (now tested in tests/test_layers.py). With
+  prenorm or noise the input quantization now runs in float32 from one
+  stored float32 x and is cast to the compute dtype once. One-off A/B (one
+  process; the twin, the old and the new step in 13 interleaved windows;
+  the old path by a temporary switch in layers.py): fda new / old 0.87x
+  wall, 0.94x CPU time (vs the twin 1.27 / 1.22 -> 1.12 / 1.18), XLA bytes
+  5.18 -> 4.79 GB per step, memory 627 -> 546 MiB; biper 0.99x / 0.97x
+  (1.10 / 1.13 -> 1.09 / 1.09), 4.58 -> 4.49 GB, 556 -> 511 MiB. float32
+  compiles to the same program as before. Full runs after it: README.
 * The input pipeline delivers 450-720x the images/s a step consumes.
 """
 
