@@ -327,6 +327,37 @@ def test_bfloat16_compute_gives_float32_logits():
   assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(updates["batch_stats"]))
 
 
+def _conv_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
+  """Operand dtypes of every convolution in a jaxpr, sub-jaxprs (custom_vjp, pjit) included."""
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found |= _conv_operand_dtypes(inner)
+  return found
+
+
+@pytest.mark.parametrize("quantization, schedule", [(BIPER, None), (FDA, FDA_SCHEDULE)],
+                         ids=["biper", "fda_noise"])
+def test_bfloat16_training_runs_every_convolution_in_bfloat16(quantization, schedule):
+  """Forward and backward: no float32 schedule value (alpha) promotes a conv to float32."""
+  model = models.create("resnet20", NUM_CLASSES, dtype=jnp.bfloat16, **quantization)
+  x = _input("resnet20")
+  variables = _fill(model, x)
+
+  def loss(params):
+    y, _ = model.apply({**variables, "params": params}, x, train=True, schedule=schedule,
+                       mutable=["batch_stats", "losses"])
+    return jnp.sum(y)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr
+  assert _conv_operand_dtypes(jaxpr) == {("bfloat16", "bfloat16")}
+
+
 def test_batch_norm_statistics_are_averaged_across_devices():
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = models.create("resnet20", NUM_CLASSES, axis_name="batch", **BIPER)
