@@ -143,8 +143,9 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   width 4: 6.1 -> 4.3 ms at [128, 32, 32, 16], 3.0 -> 1.4 ms at
   [128, 16, 16, 32], 1.55 -> 0.74 ms at [128, 8, 8, 64]; bf16 unchanged).
   Elementwise forms (broadcast products summed over d or over the hidden
-  width) were 2-18x slower in float32 and 10-100x in bfloat16. resnet20 fda (noise): 1.19-1.20 / 1.28-1.29 ->
-  1.13 / 1.16 and 1.16 / 1.19 (two runs of 9 windows).
+  width) were 2-18x slower in float32 and 10-100x in bfloat16. resnet20
+  fda (noise): 1.19-1.20 / 1.28-1.29 -> 1.13 / 1.16 and 1.16 / 1.19 (two
+  runs of 9 windows).
 * biper in CPU time stays at the edge (1.09 and 1.12 in those two runs,
   1.08-1.16 over every measurement; wall 0.93-1.01x): the prenorm's passes
   (the mean, x - mean stored for the variance, sign(x / std), the backward's
@@ -161,9 +162,10 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   noise modules (fda 1.20 / 1.23 in float32).
 * bfloat16 on CPU: XLA:CPU runs bf16 convolutions, products and reductions
   in float32 and converts around each (the twin's XLA memory is 420 MiB in
-  bf16 against 287 in float32; bf16 is no faster than float32 here). Up to
-  commit d26af49 (two runs of 11 windows, which agree): fda (noise)
-  1.32-1.35 / 1.27-1.31, over 1.25x; biper 1.09 / 1.12; the rest within.
+  bf16 against 287 in float32; bf16 is no faster than float32 here).
+  Before (runs of 11 windows: two at 4a7d662, one at d26af49): fda (noise)
+  1.32-1.35 / 1.26-1.31, over 1.25x; biper 1.09 / 1.12-1.13; the rest
+  within.
   The noise modules' products and the prenorm's reductions read the bf16
   layer input, so x and the gradients were converted again in each pass;
   and the float32 schedule value alpha promoted sign(x) + alpha e(x) to
@@ -175,8 +177,9 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   the old path by a temporary switch in layers.py): fda new / old 0.87x
   wall, 0.94x CPU time (vs the twin 1.27 / 1.22 -> 1.12 / 1.18), XLA bytes
   5.18 -> 4.79 GB per step, memory 627 -> 546 MiB; biper 0.99x / 0.97x
-  (1.10 / 1.13 -> 1.09 / 1.09), 4.58 -> 4.49 GB, 556 -> 511 MiB. float32
-  compiles to the same program as before. Full runs after it: README.
+  (1.10 / 1.13 -> 1.09 / 1.09), 4.58 -> 4.49 GB, 556 -> 511 MiB. In
+  float32 the casts are no-ops (fda's compiled HLO diffed: the same but for
+  source-line metadata). Full runs after it: README.
 * The input pipeline delivers 450-720x the images/s a step consumes.
 """
 
@@ -606,7 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(args.models, args.quantizers, batch_size=args.batch_size, dtype=args.dtype,
                repeats=args.repeats, window_steps=args.window_steps,
                num_devices=args.num_devices, image_shape=args.image_shape,
-               peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps, command=f"{p.prog} {shlex.join(argv)}".strip())
+               peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps,
+               command=f"{p.prog} {shlex.join(argv)}".strip())
 
   return run_and_report(p.prog, measure, format_table, args.json)
 
