@@ -88,7 +88,7 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   in transposed order (0.1-0.3 s each, 59% of the twin's step). Each
   consumer a quantizer added recomputed the chain again, which is why the
   ratios followed the fusion layout more than the quantizers' arithmetic.
-  `layers.materialize` stores each layer operand once (a division by
+  `xla_cpu.materialize` stores each layer operand once (a division by
   max(|sign x|, 1): exact, identity gradient, not foldable, and a divide is
   never duplicated; CPU backend only): each transposing copy now reads one
   tensor, and the twin's step went from 1169 to 749-771 ms (CPU time 1889
@@ -100,7 +100,7 @@ times from `jax.profiler.trace`; isolated kernels timed on [128,32,32,16]):
   13 ms per 2M float32 elements against 1.2 ms for an exp or a multiply-add,
   and the series derivative's two sines per binarized activation (4.8e7 per
   step) were FDA's whole overhead (1.03-1.07x wall, 1.08-1.13x CPU time).
-  They are now `quantizers.vsin` (Cody-Waite reduction and a degree-9
+  They are now `xla_cpu.vsin` (Cody-Waite reduction and a degree-9
   polynomial, within 3 ulp for |x| < 1e5): 26 to 2.6 ms per 2M elements for
   the derivative, transcendentals 4.8e7 to the twin's 2.2e3. The noise
   adapter's a sin(t) and its cosine gradient too (9.6e7 to 2.4e3 with noise).
@@ -204,7 +204,7 @@ import numpy as np
 from experiments.configs import recipes
 from benchmarks import run_and_report
 from fda_biper_jax import inputs
-from fda_biper_jax import models, parallel, schedules, summary, train
+from fda_biper_jax import models, parallel, summary, trace, train
 
 REFERENCE = "identity"
 DEFAULT_MODELS = ("resnet20", "resnet18_cifar", "vgg_small")
@@ -269,8 +269,10 @@ def roofline(flops: float | None, bytes_accessed: float | None, peak: dict[str, 
 
 def _fda_without_noise(model: str):
   c = recipes.fda(model)
-  c.quantization.kernel_noise = None
-  c.quantization.input_noise = None
+  for role in ("kernel_quantizer", "input_quantizer"):
+    q = c.quantization[role].to_dict()
+    del q["noise"], q["alpha"]
+    c.quantization[role] = q
   return c
 
 
@@ -280,7 +282,8 @@ def _biper(model: str):
   return c
 
 
-# name -> model -> the recipe's training config
+# name -> model -> the recipe's training config; every other registered method with its
+# own usage (`recipes.baseline`).
 RECIPES: dict[str, Callable[[str], Any]] = {
     "identity": recipes.full_precision,
     "ste": functools.partial(recipes.baseline, "ste"),
@@ -290,6 +293,18 @@ RECIPES: dict[str, Callable[[str], Any]] = {
     "biper": _biper,
     "bnn_pp": functools.partial(recipes.baseline, "bnn_pp"),
 }
+
+
+def recipe(name: str) -> Callable[[str], Any]:
+  """The config maker of a benchmark case: `RECIPES`, else the method's usage."""
+  if name in RECIPES:
+    return RECIPES[name]
+  return functools.partial(recipes.baseline, name)
+
+
+def case_names() -> tuple[str, ...]:
+  """Every case the benchmark can time: `RECIPES` and every registered method."""
+  return tuple(dict.fromkeys([*RECIPES, *recipes.quick_methods()]))
 
 
 def target(quantizer: str, backend: str) -> float | None:
@@ -302,7 +317,7 @@ def target(quantizer: str, backend: str) -> float | None:
 def benchmark_config(model: str, quantizer: str, *, batch_size: int, dtype: str,
                      image_shape: Sequence[int]):
   """The recipe's config with the benchmark's data (two batches), batch and dtype."""
-  c = RECIPES[quantizer](model)
+  c = recipe(quantizer)(model)
   c.dataset = "synthetic"
   c.synthetic.image_shape = tuple(image_shape)
   c.synthetic.num_classes = NUM_CLASSES
@@ -339,14 +354,15 @@ def train_case(name: str, config, mesh) -> Case:
   train.validate(config, mesh)
   source, batch = _inputs(config, mesh)
   info = source.info
-  model = models.create(config.model, info.num_classes,
-                        dtype=train.COMPUTE_DTYPES[config.compute_dtype],
-                        axis_name=parallel.AXIS, **train.quantization(config))
-  sched = schedules.from_config(config, source.steps_per_epoch)
-  tx = train.make_optimizer(config, sched.learning_rate)
+  model = train.create_model(config, info.num_classes, axis_name=parallel.AXIS)
+  lr = train.learning_rate(config, source.steps_per_epoch)
+  tx = train.make_optimizer(config, lr)
   key = jax.random.key(config.seed)
   state = parallel.replicate(train.create_state(model, tx, key, info.image_shape), mesh)
-  step = train.make_train_step(model, tx, sched, mesh, source.preprocess)
+  step = train.make_train_step(model, tx, lr, mesh, source.preprocess,
+                               total_steps=config.num_epochs * source.steps_per_epoch,
+                               steps_per_epoch=source.steps_per_epoch,
+                               quantizers=trace.quantizers(model, info.image_shape))
   start = time.perf_counter()
   lowered = step.lower(state, *batch(0), key)
   lowered_at = time.perf_counter()
@@ -585,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   default_models = [*DEFAULT_MODELS, *(ACCELERATOR_MODELS if jax.default_backend() != "cpu"
                                        else ())]
   p.add_argument("--models", type=_names(models.NAMES), default=default_models)
-  p.add_argument("--quantizers", type=_names(tuple(RECIPES)), default=list(RECIPES),
+  p.add_argument("--quantizers", type=_names(case_names()), default=list(RECIPES),
                  help="the identity twin is always measured too")
   p.add_argument("--batch_size", type=summary.positive_int, default=128)
   p.add_argument("--dtype", choices=tuple(train.COMPUTE_DTYPES), default="float32")

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from matplotlib import cm, colors  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fda_biper_jax import analysis, quantizers  # noqa: E402
+from fda_biper_jax import analysis, methods, schedules  # noqa: E402
+from fda_biper_jax.methods.fda import fda_series_derivative  # noqa: E402
 
 PROG = "python -m experiments.analysis"
 QE_SCALES = (0.005, 0.01, 0.02, 0.05)   # Laplace b of the QE-vs-omega0 curves
@@ -80,21 +81,27 @@ def plot_qe() -> Figure:
   return fig
 
 
-def _params_text(q: quantizers.Quantizer) -> str:
-  kw = {k: v for k, v in q.kwargs.items() if v is not None}
-  return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items())
+def _params_text(q: methods.Quantizer) -> str:
+  def text(v):
+    if isinstance(v, schedules.Schedule):
+      return f"{v.shape} {v.start:g}->{v.end:g} at mid-training"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+  return ", ".join(f"{k}={text(v)}" for k, v in q.kwargs.items()
+                   if v is not None and not isinstance(v, Mapping))
 
 
 def plot_quantizers(x_max: float = 1.5) -> Figure:
-  """One row per quantizer of `quantizers.NAMES`: forward | backward (jax.grad)."""
-  names = quantizers.NAMES
+  """One row per registered method: forward | backward (jax.grad), schedules at
+  mid-training."""
+  names = methods.names()
   fig = Figure(figsize=(11, 2.2 * len(names)), layout="constrained")
   axes = fig.subplots(len(names), 2, squeeze=False)
   x = jnp.linspace(-x_max, x_max, 2001)
   for (ax_f, ax_b), name in zip(axes, names):
-    q = quantizers.get(name)
-    forward = q(x)
-    backward = jax.grad(lambda t, q=q: jnp.sum(q(t)))(x)  # elementwise: d q(x_i) / d x_i
+    q = methods.get(name)
+    with schedules.training_step(50, 101, 10):  # halfway: epoch 5 of 10
+      forward = q(x)
+      backward = jax.grad(lambda t, q=q: jnp.sum(q(t)))(x)  # elementwise: d q(x_i) / d x_i
     params = _params_text(q)
     label = f"{name} ({params})" if params else name
     ax_f.plot(x, forward, lw=2, label="training forward q(x)")
@@ -115,10 +122,10 @@ def plot_fda_series(orders: Sequence[int] = FDA_ORDERS) -> Figure:
   fig = Figure(figsize=(15, 4.5), layout="constrained")
   ax_s, ax_d, ax_e = fig.subplots(1, 3)
   x = jnp.linspace(-math.pi, math.pi, 4001)
-  ax_s.plot(x, quantizers.sign(x), color="k", lw=1.5, label="sign")
+  ax_s.plot(x, methods.sign(x), color="k", lw=1.5, label="sign")
   for n in orders:
     ax_s.plot(x, analysis.fda_series(x, n), label=f"s_{n}")
-    ax_d.plot(x, quantizers.fda_series_derivative(x, 1.0, n, n), label=f"s_{n}'")
+    ax_d.plot(x, fda_series_derivative(x, 1.0, n, n), label=f"s_{n}'")
   ax_s.set(title="FDA: truncated Fourier series of sign (omega = 1)", xlabel="x", ylabel="s_n(x)")
   ax_d.set(title="its derivative, the FDA backward", xlabel="x", ylabel="s_n'(x)")
   n_all = np.arange(0, 41)

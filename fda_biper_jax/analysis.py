@@ -25,16 +25,14 @@ E|w| = b, so QE_sign = b^2 and qe_relative = 1/2 for every b.
 FDA (Xu et al., NeurIPS 2021). sign(x) on |x| < pi/omega equals the square
 wave s(x) = 4/pi sum_{i>=0} sin((2i+1) omega x)/(2i+1); its n-th partial sum is
 s_n, whose derivative (FDA-BNN Eq. 10), the FDA backward, is
-`quantizers.fda_series_derivative`.
+`methods.fda.fda_series_derivative`.
 
 Per-layer statistics. `binarized_layers(model, input_shape)` finds the layers
-whose kernel is binarized by tracing `model.init` under `jax.eval_shape` with
-`flax.linen.intercept_methods` (no arithmetic runs) and reading each
-`BinaryConv` / `BinaryDense`'s own `kernel_quantizer`: a layer counts when the
-quantizer is binary (`is_binary`) or is BiPer's stage-1 `biper_sine`, whose
-kernel stage 2 binarizes with the square wave (its statistics are those of
-that binarization). Full-precision layers have no kernel quantizer and the
-'identity' quantizer is not binary, so neither counts. Layers are keyed by
+whose kernel is binarized with the model tracer (`trace`, no arithmetic runs):
+a layer counts when its kernel quantizer's method has a binary view (itself
+when binary; for BiPer's stage-1 `biper_sine` the square wave stage 2
+binarizes with). The fundamental u and the Laplace QE of a layer are its
+method's (`Method.fundamental`, `Method.laplace_qe`). Layers are keyed by
 their '/'-joined module path (e.g. 'unit1/conv'), in call order; the kernel
 is `params[path...]['kernel']`. Paths come from the model's structure, never
 from parameter names, so a layer named 'stem' or 'fc' is no special case.
@@ -65,12 +63,13 @@ import optax
 from flax import linen as nn
 from scipy import optimize
 
-from fda_biper_jax import layers, quantizers
+from fda_biper_jax import layers, methods, schedules, trace
+from fda_biper_jax.methods.biper import check_scale, laplace_sin_moments  # noqa: F401
+from fda_biper_jax.methods.biper import quantization_error as biper_quantization_error
 
 Array = jax.Array
 LAWS = ("laplace", "gaussian", "uniform")
 SIGN_QE_LIMIT = 0.5 - 4.0 / math.pi ** 2  # QE_BiPer as b omega0 -> inf
-PERIODIC = ("biper", "biper_sine")  # quantizers whose fundamental is sin(omega0 w)
 
 
 # --------------------------------------------------------------------------
@@ -78,61 +77,8 @@ PERIODIC = ("biper", "biper_sine")  # quantizers whose fundamental is sin(omega0
 # --------------------------------------------------------------------------
 
 
-def _check_scale(fn: str, b, omega0) -> tuple[np.ndarray, np.ndarray]:
-  b = np.asarray(b, np.float64)
-  omega0 = np.asarray(omega0, np.float64)
-  if np.any(np.isnan(b)) or np.any(b < 0):
-    raise ValueError(f"{fn}: b={b.tolist()!r} is not allowed; the Laplace scale b must be >= 0")
-  if np.any(np.isnan(omega0)) or np.any(omega0 <= 0):
-    raise ValueError(f"{fn}: omega0={omega0.tolist()!r} is not allowed; omega0 must be > 0")
-  return b, omega0
-
-
 def _scalar_or_array(v: np.ndarray):
   return float(v) if v.ndim == 0 else v
-
-
-def laplace_sin_moments(x) -> tuple[np.ndarray, np.ndarray]:
-  """(E[sin^2(omega0 w)], E|sin(omega0 w)|) for w ~ Laplace(0, b), x = b omega0 (Eq. 2-3).
-
-  Overflow-free for every x in [0, inf]: for x <= 1 Eq. 2-3 are used as
-  written (coth(pi/(2x)) = 1/tanh, which tends to 1 and is exactly 1 at
-  x = 0); for x > 1, where x^2 may overflow, as
-  2 / (4 + x^-2) and (2/pi) (y coth y) / (1 + x^-2) with y = pi/(2x), y coth y -> 1.
-  """
-  x = np.asarray(x, np.float64)
-  small = x <= 1.0
-  xs = np.where(small, x, 1.0)   # the x <= 1 branch sees only x <= 1
-  xl = np.where(small, 1.0, x)   # the x > 1 branch sees only x > 1
-  with np.errstate(divide="ignore"):
-    ys = np.pi / (2.0 * xs)      # inf at x = 0, where tanh = 1
-  sin2_small = 2.0 * xs * xs / (1.0 + 4.0 * xs * xs)
-  abs_small = xs / (1.0 + xs * xs) / np.tanh(ys)
-  inv = 1.0 / xl                 # in [0, 1); 0 only at x = inf
-  yl = (np.pi / 2.0) * inv
-  y_coth_y = np.where(yl > 0, yl / np.tanh(np.where(yl > 0, yl, 1.0)), 1.0)
-  sin2_large = 2.0 / (4.0 + inv * inv)
-  abs_large = (2.0 / np.pi) * y_coth_y / (1.0 + inv * inv)
-  return np.where(small, sin2_small, sin2_large), np.where(small, abs_small, abs_large)
-
-
-def biper_quantization_error(b, omega0):
-  """QE(x) = 2x^2/(1+4x^2) - x^2 coth^2(pi/(2x))/(1+x^2)^2, x = b omega0 (Eq. 4).
-
-  The error Var|sin(omega0 w)| (Eq. 1) of the best scaled binary
-  approximation of BiPer's fundamental for Laplace(0, b) latent weights.
-
-  Args:
-    b: Laplace scale(s) >= 0 (scalar or array).
-    omega0: frequency (frequencies) > 0; broadcast against b.
-
-  Returns:
-    A float for scalar inputs, else an array of the broadcast shape. Exactly
-    0 at b = 0; 1/2 - 4/pi^2 at b = inf.
-  """
-  b, omega0 = _check_scale("biper_quantization_error", b, omega0)
-  sin2, abs_sin = laplace_sin_moments(b * omega0)
-  return _scalar_or_array(sin2 - abs_sin ** 2)
 
 
 class Estimate(NamedTuple):
@@ -167,7 +113,7 @@ def biper_quantization_error_mc(b: float, omega0: float, num_samples: int = 100_
   standard error is the delta method's std(a^2 - 2 mean(a) a) / sqrt(N).
   For 'laplace' it estimates `biper_quantization_error(b, omega0)`.
   """
-  b, omega0 = (float(v) for v in _check_scale("biper_quantization_error_mc", b, omega0))
+  b, omega0 = (float(v) for v in check_scale("biper_quantization_error_mc", b, omega0))
   a = np.abs(np.sin(omega0 * sample_weights(law, b, num_samples, seed)))
   m1 = a.mean()
   value = float(np.mean(a * a) - m1 * m1)
@@ -221,8 +167,13 @@ def empirical_qe(w, omega0: float | None = None, *, relative: bool = False) -> f
     relative: divide by mean(u^2): the relative error in [0, 1] (0 if u = 0).
   """
   if omega0 is not None:
-    _check_scale("empirical_qe", 0.0, omega0)
-  a = np.abs(fundamental(w, omega0)).ravel()
+    check_scale("empirical_qe", 0.0, omega0)
+  return fundamental_qe(fundamental(w, omega0), relative=relative)
+
+
+def fundamental_qe(u, *, relative: bool = False) -> float:
+  """Var|u| (Eq. 1) of a layer's fundamental u (`Method.fundamental` of its kernel)."""
+  a = np.abs(np.asarray(u, np.float64)).ravel()
   if a.size == 0:
     raise ValueError("empirical_qe: w is empty; at least one weight is required")
   m2 = float(np.mean(a * a))
@@ -237,48 +188,16 @@ def empirical_qe(w, omega0: float | None = None, *, relative: bool = False) -> f
 # --------------------------------------------------------------------------
 
 
-def binary_view(q) -> quantizers.Quantizer | None:
-  """The binarizer of a layer's kernel: q if binary, BiPer's square wave for
-  'biper_sine' (stage 1, binarized by stage 2), None for full precision."""
-  if q is None:
-    return None
-  q = quantizers.get(q)
-  if q.name == "biper_sine":
-    return quantizers.get("biper", omega0=q.kwargs["omega0"])
-  return q if q.is_binary else None
-
-
-def layer_omega0(q) -> float | None:
-  """BiPer's omega0 of a binarizer (its fundamental is sin(omega0 w)), else None."""
-  return q.kwargs["omega0"] if q.name in PERIODIC else None
-
-
-def binarized_layers(model: nn.Module, input_shape) -> dict[str, quantizers.Quantizer]:
+def binarized_layers(model: nn.Module, input_shape) -> dict[str, methods.Quantizer]:
   """{path: binarizer} of every layer whose kernel is binarized, in call order.
 
-  Traces `model.init(key, x, train=False)` on one example of per-example
-  shape `input_shape` (e.g. (32, 32, 3)) under `jax.eval_shape`: no
-  arithmetic, no weights allocated. The binarizer is `binary_view` of the
-  layer's own `kernel_quantizer`.
+  Traces the model (`trace.binary_layers`, nothing runs) on one example of
+  per-example shape `input_shape` (e.g. (32, 32, 3)); the binarizer is the
+  kernel quantizer's `binary_view` (`trace.kernel_binarizer`): itself when
+  binary, BiPer's square wave for the stage-1 sine.
   """
-  found: dict[str, quantizers.Quantizer] = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    m = context.module
-    if context.method_name == "__call__" and isinstance(m, (layers.BinaryConv,
-                                                             layers.BinaryDense)):
-      q = binary_view(m.kernel_quantizer)
-      if q is not None:
-        found.setdefault("/".join(m.path), q)
-    return next_fun(*args, **kwargs)
-
-  def init(x):
-    with nn.intercept_methods(interceptor):
-      return model.init(jax.random.key(0), x, train=False)
-
-  shape = tuple(int(d) for d in input_shape)
-  jax.eval_shape(init, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
-  return found
+  found = trace.binary_layers(model, input_shape, analysis=True)
+  return {path: trace.kernel_binarizer(m) for path, m in found.items()}
 
 
 def binarized_kernels(params, layer_map: Mapping[str, Any]) -> dict[str, Array]:
@@ -295,7 +214,7 @@ def binarized_kernels(params, layer_map: Mapping[str, Any]) -> dict[str, Array]:
   return out
 
 
-def layer_stats(params, layer_map: Mapping[str, quantizers.Quantizer]
+def layer_stats(params, layer_map: Mapping[str, methods.Quantizer]
                 ) -> dict[str, dict[str, float]]:
   """Per binarized layer: {laplace_b, qe, qe_relative, qe_laplace, sign_share, num_weights}.
 
@@ -308,15 +227,18 @@ def layer_stats(params, layer_map: Mapping[str, quantizers.Quantizer]
   """
   stats = {}
   for path, kernel in binarized_kernels(params, layer_map).items():
-    q = layer_map[path]
-    omega0 = layer_omega0(q)
+    q = methods.get(layer_map[path])
     w = np.asarray(kernel, np.float64)
     b = laplace_scale(w)
+    if isinstance(q, methods.Quantizer):
+      u, qe_laplace = q.method.fundamental(w, q.values()), q.method.laplace_qe(b, q.values())
+    else:
+      u, qe_laplace = w, b * b
     stats[path] = {
         "laplace_b": b,
-        "qe": empirical_qe(w, omega0),
-        "qe_relative": empirical_qe(w, omega0, relative=True),
-        "qe_laplace": b * b if omega0 is None else biper_quantization_error(b, omega0),
+        "qe": fundamental_qe(u),
+        "qe_relative": fundamental_qe(u, relative=True),
+        "qe_laplace": qe_laplace,
         "sign_share": float(jnp.mean(q.binarize(jnp.asarray(kernel)) > 0)),
         "num_weights": int(w.size),
     }
@@ -348,7 +270,7 @@ def sign_flip_share(w_old: Mapping[str, Any], w_new: Mapping[str, Any], quantize
                      f"{sorted(set(w_old) ^ set(w_new))}; both need the same paths")
   per, flipped, total = {}, 0, 0
   for path in w_old:
-    q = quantizers.get(quantizer[path] if isinstance(quantizer, Mapping) else quantizer)
+    q = methods.get(quantizer[path] if isinstance(quantizer, Mapping) else quantizer)
     a, c = jnp.asarray(w_old[path]), jnp.asarray(w_new[path])
     if a.shape != c.shape:
       raise ValueError(f"sign_flip_share: layer {path!r} has shape {a.shape} then {c.shape}; "
@@ -375,7 +297,7 @@ def _check_series(fn: str, n, omega) -> int:
 def fda_series(x, n: int, omega: float = 1.0) -> Array:
   """s_n(x) = 4/pi sum_{i=0..n} sin((2i+1) omega x)/(2i+1), sign's truncated Fourier series.
 
-  Differentiable; its derivative is `quantizers.fda_series_derivative(x, omega, n, n)`.
+  Differentiable; its derivative is `methods.fda.fda_series_derivative(x, omega, n, n)`.
   """
   n = _check_series("fda_series", n, omega)
   x = jnp.asarray(x)
@@ -445,16 +367,16 @@ class Mismatch(NamedTuple):
 
 
 def gradient_mismatch(model: nn.Module, variables, batch, quantizer=None,
-                      reference="identity", *, schedule=None) -> Mismatch:
+                      reference="identity", *, progress=None) -> Mismatch:
   """Cosine between the parameter gradients under two kernel quantizers.
 
   Both gradients are of the mean softmax cross-entropy of
-  `model.apply(variables, images, train=True, schedule=schedule)` (batch
+  `model.apply(variables, images, train=True)` (batch
   statistics from the batch, as in training) with respect to `params`; the
   two models differ only in the kernel quantizer of their binary layers
   (input quantizers, scaling, everything else as `model.spec`). The
   reference 'identity' is the full-precision twin's gradient at the same
-  latent weights; a high-order FDA series (`quantizers.get('fda',
+  latent weights; a high-order FDA series (`methods.get('fda',
   n_terms=..., clip=None)`) is another choice.
 
   Args:
@@ -463,7 +385,8 @@ def gradient_mismatch(model: nn.Module, variables, batch, quantizer=None,
     batch: (images [N, H, W, C] float, already normalised; labels [N] int).
     quantizer: the kernel quantizer compared (None: the model's own).
     reference: the kernel quantizer of the reference gradient.
-    schedule: schedule values for the call (FDA n_terms, alpha, ...).
+    progress: the training step (`schedules.Progress`) at which scheduled
+      method parameters are evaluated; needed when the quantizers have any.
   """
   spec = getattr(model, "spec", None)
   if not isinstance(spec, layers.BinarySpec):
@@ -473,17 +396,24 @@ def gradient_mismatch(model: nn.Module, variables, batch, quantizer=None,
   images, labels = jnp.asarray(images), jnp.asarray(labels)
 
   def with_kernel_quantizer(q):
-    q = None if q is None else quantizers.get(q)
+    q = None if q is None else methods.get(q)
     return model.clone(spec=dataclasses.replace(spec, kernel_quantizer=q))
 
   def grad(m):
     def loss(params):
       logits, _ = m.apply({**variables, "params": params}, images, train=True,
-                          schedule=schedule, mutable=["batch_stats"])
+                          mutable=["batch_stats"])
       return optax.softmax_cross_entropy_with_integer_labels(
           logits.astype(jnp.float32), labels).mean()
 
-    return jax.jit(jax.grad(loss))(variables["params"])
+    def bound(params):
+      if progress is None:
+        return jax.grad(loss)(params)
+      with schedules.training_step(progress.step, progress.total_steps,
+                                   progress.steps_per_epoch):
+        return jax.grad(loss)(params)
+
+    return jax.jit(bound)(variables["params"])
 
   compared = with_kernel_quantizer(spec.kernel_quantizer if quantizer is None else quantizer)
   g, g_ref = grad(compared), grad(with_kernel_quantizer(reference))

@@ -55,7 +55,10 @@ File format 'fda_biper_jax.packed', version 1 (integers little-endian):
                                "reduction": K, "kernel_quantizer": its config,
                                "input_quantizer": its config or null,
                                "binary_input": whether the xor-popcount path runs,
-                               "scaling": "none" | "mean_abs" | "learned",
+                               "scaling": one of layers.SCALINGS,
+                               "prenorm": whether the layer normalises its input,
+                               "input_aux": names of the input quantizer's learned
+                                            arrays (ReActNet's thresholds), or [],
                                "folded_bn": the folded BatchNorm's path or null}},
       "arrays": {name: {"dtype": "uint32" | "float32", "shape": [...],
                         "offset": from the payload start, "nbytes": ...,
@@ -64,8 +67,9 @@ File format 'fda_biper_jax.packed', version 1 (integers little-endian):
 
 Array names: "packed/<layer path>/kernel" (uint32 [Cout, ceil(K / 32)],
 unused tail bits 0), "packed/<layer path>/scale" and ".../bias" (float32
-[Cout]); "float/<collection>/<module path>/<variable>" for the float
-variables. Every byte of the file is covered by the magic, a length, or a
+[Cout]), "packed/<layer path>/input_aux/<name>" (float32) for a deployed
+form with learned parts; "float/<collection>/<module path>/<variable>" for
+the float variables. Every byte of the file is covered by the magic, a length, or a
 checksum: `load` rejects a truncated, extended, tampered, wrong-format,
 wrong-version or internally inconsistent file with one ValueError.
 """
@@ -86,7 +90,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from fda_biper_jax import checkpoints, data, inference, models, quantizers, schedules, train
+from fda_biper_jax import checkpoints, data, inference, layers, models, trace, train
 from fda_biper_jax.layers import BinaryConv, BinaryDense
 from fda_biper_jax.models.blocks import ConvUnit
 
@@ -112,10 +116,18 @@ class Packed:
   def model(self) -> nn.Module:
     return models.from_config(self.header["model"])
 
-  def layer_arrays(self) -> dict[str, dict[str, np.ndarray]]:
-    """{layer path: {'kernel', 'scale', 'bias'}} of the packed layers."""
-    return {p: {k: self.arrays[f"packed/{p}/{k}"] for k in ("kernel", "scale", "bias")}
-            for p in self.header["layers"]}
+  def layer_arrays(self) -> dict[str, dict[str, Any]]:
+    """{layer path: {'kernel', 'scale', 'bias', 'input_aux'}} of the packed layers
+    ('input_aux': the input quantizer's learned arrays as a tree, or None)."""
+    out = {}
+    for p, entry in self.header["layers"].items():
+      arrays = {k: self.arrays[f"packed/{p}/{k}"] for k in ("kernel", "scale", "bias")}
+      names = entry.get("input_aux") or []
+      arrays["input_aux"] = (traverse_util.unflatten_dict(
+          {n: self.arrays[f"packed/{p}/input_aux/{n}"] for n in names}, sep="/")
+          if names else None)
+      out[p] = arrays
+    return out
 
   def float_variables(self) -> dict[str, Any]:
     """The float variables as a Flax variables tree {'params': ..., 'batch_stats': ...}."""
@@ -146,24 +158,20 @@ def _node(tree: Mapping[str, Any], path: str) -> Mapping[str, Any]:
 
 def _modules(model: nn.Module, variables, input_shape: Sequence[int]) -> dict[str, nn.Module]:
   """{path: module} of every module the eval forward calls (traced, nothing runs)."""
-  found: dict[str, nn.Module] = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name == "__call__":
-      found[_path(*context.module.path)] = context.module
-    return next_fun(*args, **kwargs)
-
-  def forward(v, x):
-    with nn.intercept_methods(interceptor):
-      return model.apply(v, x, train=False)
-
-  jax.eval_shape(forward, variables, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-  return found
+  calls, _ = trace.calls(model, input_shape, variables=variables, train=False)
+  return {c.path: c.module for c in calls}
 
 
 def _is_packed(module: nn.Module) -> bool:
-  return (isinstance(module, (BinaryConv, BinaryDense)) and module.kernel_quantizer is not None
-          and quantizers.get(module.kernel_quantizer).is_binary)
+  return trace.is_binary(module)
+
+
+def _aux(module, params, role: str):
+  """A layer's learned quantizer parts for `role` from its params, or None."""
+  q = layers.resolve(getattr(module, f"{role}_quantizer"))
+  if q is None or not q.has_aux(role):
+    return None
+  return params[f"{role}_{q.aux_name}"]
 
 
 def _bn_affine(bn: nn.BatchNorm, params, stats) -> tuple[np.ndarray, np.ndarray]:
@@ -196,10 +204,12 @@ def _folds(modules: Mapping[str, nn.Module], variables) -> dict[str, tuple[str, 
 def _pack_layer(module: BinaryConv | BinaryDense, params, bn_affine) -> dict[str, np.ndarray]:
   """Packed kernel, scale and bias of a layer, BatchNorm (m, c) folded in if given."""
   w = np.asarray(params["kernel"], np.float32)
-  signs = jax.jit(quantizers.get(module.kernel_quantizer).binarize)(w)
+  q = layers.resolve(module.kernel_quantizer)
+  signs = jax.jit(lambda w, aux: q.binarize(w, aux, "kernel"))(w, _aux(module, params, "kernel"))
   bits = np.asarray(signs).reshape(-1, module.features).T < 0  # [Cout, K]
-  if module.scaling == "mean_abs":
-    scale = np.mean(np.abs(w), axis=tuple(range(w.ndim - 1)))
+  scale = layers.kernel_scale(module.scaling, jnp.asarray(w))
+  if scale is not None:
+    scale = np.asarray(scale, np.float32)
   elif module.scaling == "learned":
     scale = np.asarray(params["scale"], np.float32)
   else:
@@ -209,19 +219,28 @@ def _pack_layer(module: BinaryConv | BinaryDense, params, bn_affine) -> dict[str
   if bn_affine is not None:
     m, c = bn_affine
     scale, bias = scale * m, bias * m + c
-  return {"kernel": inference.pack_bits(bits), "scale": scale.astype(np.float32),
-          "bias": bias.astype(np.float32)}
+  out = {"kernel": inference.pack_bits(bits), "scale": scale.astype(np.float32),
+         "bias": bias.astype(np.float32)}
+  aux = _aux(module, params, "input")
+  if aux is not None:
+    for name, v in traverse_util.flatten_dict(jax.device_get(aux), sep="/").items():
+      out[f"input_aux/{name}"] = np.asarray(v, np.float32)
+  return out
 
 
 def _layer_entry(module: BinaryConv | BinaryDense, params, folded_bn: str | None) -> dict:
   shape = [int(d) for d in params["kernel"].shape]
-  qi = None if module.input_quantizer is None else quantizers.get(module.input_quantizer)
+  qi = layers.resolve(module.input_quantizer)
+  aux = _aux(module, params, "input")
   return {"type": "conv" if isinstance(module, BinaryConv) else "dense",
           "kernel_shape": shape, "reduction": int(np.prod(shape[:-1])),
-          "kernel_quantizer": quantizers.get(module.kernel_quantizer).config(),
+          "kernel_quantizer": layers.resolve(module.kernel_quantizer).config(),
           "input_quantizer": None if qi is None else qi.config(),
           "binary_input": bool(qi is not None and qi.is_binary),
-          "scaling": module.scaling, "folded_bn": folded_bn}
+          "scaling": module.scaling, "prenorm": bool(module.prenorm),
+          "input_aux": [] if aux is None else sorted(traverse_util.flatten_dict(
+              jax.device_get(aux), sep="/")),
+          "folded_bn": folded_bn}
 
 
 def export(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]) -> Packed:
@@ -291,7 +310,7 @@ def restore(workdir: str, which: str = "latest") -> tuple[nn.Module, dict, tuple
     model = models.from_config(meta["model"])
     saved = ml_collections.ConfigDict(meta["config"])
     shape = _image_shape(saved)
-    tx = train.make_optimizer(saved, schedules.from_config(saved, 1).learning_rate)
+    tx = train.make_optimizer(saved, train.learning_rate(saved, 1))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     template = jax.eval_shape(lambda: train.create_state(model, tx, jax.random.key(0), shape))
     template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
@@ -390,6 +409,13 @@ def _check_layers(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
       if a is None or a.dtype.name != dtype or a.shape != s:
         got = "missing" if a is None else f"{a.dtype.name} {list(a.shape)}"
         raise ValueError(f"array {name!r} is {got}; layer {path} needs {dtype} {list(s)}")
+      expected.add(name)
+    for aux in e.get("input_aux") or []:
+      name = f"packed/{path}/input_aux/{aux}"
+      a = arrays.get(name)
+      if a is None or a.dtype.name != "float32":
+        got = "missing" if a is None else a.dtype.name
+        raise ValueError(f"array {name!r} is {got}; layer {path} needs float32")
       expected.add(name)
     tail = k % inference.WORD_BITS
     if tail and np.any(arrays[f"packed/{path}/kernel"][:, -1] >> np.uint32(tail)):

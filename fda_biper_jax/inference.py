@@ -59,8 +59,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from fda_biper_jax import quantizers
-from fda_biper_jax.layers import BinaryConv, BinaryDense
+from fda_biper_jax.layers import BinaryConv, BinaryDense, deployed_input, resolve
 
 if TYPE_CHECKING:
   from fda_biper_jax.export import Packed
@@ -247,7 +246,8 @@ def packed_layer(module: BinaryConv | BinaryDense, x: Array, operands: Mapping[s
   """The eval-mode output of `module` on x, from its packed kernel.
 
   operands: 'kernel' (packed uint32 [Cout, Kw]), 'scale', 'bias' (float32
-  [Cout]); layer: its header entry. A binary input quantizer takes the
+  [Cout]), 'input_aux' (the input quantizer's learned arrays, or None);
+  layer: its header entry. A binary input quantizer takes the
   xor-popcount path, any other input the +-1 kernel in float.
   """
   conv = isinstance(module, BinaryConv)
@@ -258,15 +258,16 @@ def packed_layer(module: BinaryConv | BinaryDense, x: Array, operands: Mapping[s
                      f"does not fit the model, which needs {shape}")
   dtype = module.dtype or x.dtype
   x = x.astype(dtype)
-  qi = None if module.input_quantizer is None else quantizers.get(module.input_quantizer)
+  qi = resolve(module.input_quantizer)
   kernel = operands["kernel"]
+  aux = operands.get("input_aux")
   padding = _conv_padding(module, x.shape[1:3]) if conv else None
   if qi is not None and qi.is_binary:
-    bits = qi.binarize(x) < 0
+    bits = deployed_input(qi, x, aux, module.prenorm) < 0
     dot = (binary_conv(bits, kernel, module.kernel_size, module.strides, padding) if conv
            else binary_dense(bits, kernel))
   else:
-    xq = x if qi is None else qi.binarize(x)
+    xq = x if qi is None else deployed_input(qi, x, aux, module.prenorm)
     k = int(np.prod(shape[:-1]))
     w = (1 - 2 * unpack_bits(kernel, k).astype(dtype)).T.reshape(shape)
     dot = (lax.conv_general_dilated(xq, w, tuple(module.strides), padding,

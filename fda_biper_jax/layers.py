@@ -2,66 +2,65 @@
 
 `BinaryConv` and `BinaryDense` hold latent float32 weights and quantize, on
 each call, their kernel with `kernel_quantizer` and their input with
-`input_quantizer` (a registered name, a config mapping, a
-`quantizers.Quantizer`, or any callable; None keeps the operand in full
+`input_quantizer` (a registered method's name or config mapping, a
+`methods.Quantizer`, or any callable; None keeps the operand in full
 precision), in the manner of Larq's `QuantConv2D` and qwix. A layer never
-knows which estimator it holds.
+knows which method it holds: it asks the quantizer for its training forward
+(`quantize`), its deployed form (`binarize`), its learned parts (kept as the
+layer's parameter `{role}_{aux_name}`, e.g. FDA's `input_noise`) and its
+regulariser.
 
 Training (`train=True`), for an operand t with quantizer q:
 
-* kernel: q(W), times a per-output-channel scale (below); with FDA's noise
-  adaptation, q(W) + alpha e_W(W) where e_W sees each output channel's
-  flattened filter (FDA-BNN Eq. 13-14, `noise_adapter.NoiseAdapter`);
+* kernel: q's training forward of W (learned parts included), times a
+  per-output-channel scale (below); a method's weighted regulariser is sown
+  into the 'losses' collection, which the trainer adds to the loss;
 * input: with `prenorm`, each sample is first divided by its own standard
-  deviation over (H, W, C) (ReCU / BiPer: a / sqrt(var + 1e-5)); then q(a),
-  plus alpha e_A(a) per pixel across channels with noise adaptation (with
-  prenorm or noise, in float32 whatever the compute dtype, then cast to it).
+  deviation over all axes but the batch (ReCU / BiPer: a / sqrt(var + 1e-5));
+  then q's training forward. With prenorm or learned parts, the input
+  quantization runs in float32 whatever the compute dtype, then is cast to
+  it once.
 
-Schedule values (FDA `n_terms`, BNN++ `beta`, the noise weight `alpha`) come
-in through the `schedule` mapping at call time, as traced scalars, so a
-schedule never recompiles the step.
+Scheduled method parameters (FDA's series length, BNN++'s slope, ...) are evaluated at
+the training step bound by `schedules.training_step` (the trainer binds it
+around the model call): a schedule never recompiles the step, and training
+a scheduled quantizer with no step bound is an error, never a silent default.
 
 Evaluation (`train=False`): the kernel is exactly `q.binarize(W)` times the
-scale and the input exactly `q.binarize(a)` (+-1): pure sign, no noise term,
-no prenorm (dividing by a positive std does not change a sign).
+scale and the input exactly `q.binarize(a)`; the prenorm is skipped when the
+deployed form ignores a positive scale (`scale_invariant`, true of sign).
 
 Weight scaling (`scaling`):
 
 * 'none': the binary kernel as is;
-* 'mean_abs': per output channel alpha_c = mean |W_c|, not differentiated
+* 'mean_abs': per output channel s_c = mean |W_c|, not differentiated
   (XNOR-Net; FDA-BNN);
+* 'mean_abs_tensor': one s = mean |W| over the whole kernel (ReSTE);
 * 'learned': a per-output-channel parameter multiplying the layer output,
   initialised uniformly in [0, 1) (the public BiPer code). In training it
-  is folded into the kernel, conv(x, k) alpha_c = conv(x, k alpha_c).
+  is folded into the kernel, conv(x, k) s_c = conv(x, k s_c).
 
-A quantizer with a weight regulariser (BiPer's mean sin^2(omega0 W)) sows
-its value into the 'losses' collection in training; the trainer scales it.
 The quantized kernel and input are sown into 'intermediates' for inspection.
-
-Cost (XLA:CPU, benchmarks/train_step.py). The layer's operands are stored
-once (`materialize`) rather than recomputed in every consumer; the prenorm
-is `prenormalize`, whose backward takes one reduction where autodiff takes
-two. Values and gradients are those of the formulas above.
+Both operands are stored once (`xla_cpu.materialize`) for XLA:CPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from flax.core import FrozenDict
 
-from fda_biper_jax import quantizers
-from fda_biper_jax.noise_adapter import NoiseAdapter
+from fda_biper_jax import methods
+from fda_biper_jax.xla_cpu import materialize
 
 Array = jax.Array
-SCALINGS = ("none", "mean_abs", "learned")
-NOISE_FIELDS = ("reduction", "min_width", "shortcut", "a")
+SCALINGS = ("none", "mean_abs", "mean_abs_tensor", "learned")
 PRENORM_EPS = 1e-5
+REMOVED = methods.REMOVED_QUANTIZATION
 
 # PyTorch's default conv/linear init, kaiming_uniform(a=sqrt(5)), i.e.
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for layers used on their own; the zoo's
@@ -69,19 +68,22 @@ PRENORM_EPS = 1e-5
 default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-def _resolve(spec) -> quantizers.Quantizer | None:
-  return None if spec is None else quantizers.get(spec)
+def resolve(spec) -> methods.Quantizer | methods.CallableQuantizer | None:
+  """A layer's quantizer setting as a quantizer (None stays None)."""
+  return None if spec is None else methods.get(spec)
 
 
-def _noise_config(cfg) -> FrozenDict | None:
-  if cfg is None or cfg is False:
-    return None
-  cfg = {} if cfg is True else dict(cfg)
-  bad = set(cfg) - set(NOISE_FIELDS)
-  if bad:
-    raise ValueError(f"noise adapter takes no option {sorted(bad)}; allowed: {list(NOISE_FIELDS)}")
-  NoiseAdapter(**cfg)  # validates the values
-  return FrozenDict(cfg)
+def check_role(q, role: str, where: str) -> None:
+  """Raises if a registered method does not binarize this operand (e.g. ReActNet's
+  thresholds are for inputs)."""
+  if isinstance(q, methods.Quantizer) and role not in q.method.roles:
+    raise ValueError(f"{where}: quantizer {q.name!r} binarizes {list(q.method.roles)} only, "
+                     f"not the {role}; choose another {role}_quantizer")
+
+
+def check_scaling(scaling, where: str) -> None:
+  if scaling not in SCALINGS:
+    raise ValueError(f"{where}: scaling={scaling!r} is not allowed; allowed: {list(SCALINGS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,73 +94,40 @@ class BinarySpec:
   mappings); `config()` gives them back as a JSON-serialisable dict, saved
   with every checkpoint so evaluation uses the values training used.
   """
-  kernel_quantizer: quantizers.Quantizer | None = None
-  input_quantizer: quantizers.Quantizer | None = None
+  kernel_quantizer: methods.Quantizer | None = None
+  input_quantizer: methods.Quantizer | None = None
   scaling: str = "none"
   prenorm: bool = False
-  kernel_noise: FrozenDict | None = None
-  input_noise: FrozenDict | None = None
 
   @classmethod
   def create(cls, kernel_quantizer=None, input_quantizer=None, scaling="none",
-             prenorm=False, kernel_noise=None, input_noise=None) -> "BinarySpec":
-    if scaling not in SCALINGS:
-      raise ValueError(f"scaling={scaling!r} is not allowed; allowed: {list(SCALINGS)}")
+             prenorm=False, **removed) -> "BinarySpec":
+    for key in removed:
+      if key in REMOVED:
+        raise ValueError(methods.removed_layer_setting(key))
+      raise TypeError(f"BinarySpec.create() got an unexpected keyword argument {key!r}")
+    check_scaling(scaling, "BinarySpec")
     if not isinstance(prenorm, bool):
       raise ValueError(f"prenorm={prenorm!r} is not allowed; it must be True or False")
-    return cls(_resolve(kernel_quantizer), _resolve(input_quantizer), scaling, prenorm,
-               _noise_config(kernel_noise), _noise_config(input_noise))
+    kq, iq = resolve(kernel_quantizer), resolve(input_quantizer)
+    check_role(kq, "kernel", "BinarySpec")
+    check_role(iq, "input", "BinarySpec")
+    return cls(kq, iq, scaling, prenorm)
 
   def layer_kwargs(self) -> dict[str, Any]:
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def activation(self):
+    """The activation module class the input quantizer's method prescribes after
+    its binary layers (ReActNet's RPReLU), or None for the model's own."""
+    q = self.input_quantizer
+    return q.method.activation if isinstance(q, methods.Quantizer) else None
 
   def config(self) -> dict[str, Any]:
     c = self.layer_kwargs()
     for k in ("kernel_quantizer", "input_quantizer"):
       c[k] = None if c[k] is None else c[k].config()
-    for k in ("kernel_noise", "input_noise"):
-      c[k] = None if c[k] is None else dict(c[k])
     return c
-
-
-@jax.custom_vjp
-def _materialized(x: Array) -> Array:
-  one = jnp.maximum(jnp.abs(jnp.sign(x)), 1).astype(x.dtype)  # 1 (nan for nan), not a constant
-  return x / one
-
-
-def _materialized_fwd(x):
-  return _materialized(x), None
-
-
-def _materialized_bwd(_, g):
-  return (g,)
-
-
-_materialized.defvjp(_materialized_fwd, _materialized_bwd)
-
-
-def materialize(x: Array) -> Array:
-  """x, exactly, computed once into its own buffer on XLA:CPU; identity gradient.
-
-  XLA:CPU fuses a cheap elementwise producer (add, multiply, clamp, select,
-  sin, ...) into every consumer that can take it, recomputing it in each
-  rather than reading one stored result; only "expensive" operations
-  (divide, exp, tanh, ...) are computed once. In a Bi-Real ResNet each
-  binary layer's input is hardtanh(BN(conv) + shortcut), the shortcut being
-  the previous such input, so each consumer recomputed the whole chain of
-  BatchNorms back to the stage's first layer; the consumers include the
-  `transpose_copy` fusions that lay the input out for the weight-gradient
-  convolution, which read those 5-8 tensors in transposed order (about half
-  of every CPU step, full-precision twin included). Dividing by a one that
-  XLA cannot fold, max(|sign(x)|, 1), is exact (x / 1 = x for every float,
-  -0, inf and nan included) and makes x a divide, computed once: the
-  ResNet-20 training step takes about 35% less time. Only on the CPU
-  backend (where it was measured); elsewhere x is returned as is.
-  """
-  if jax.default_backend() != "cpu":
-    return x
-  return _materialized(x)
 
 
 def _prenorm_stats(x: Array) -> tuple[Array, Array]:
@@ -181,11 +150,7 @@ def prenormalize(x: Array) -> Array:
 
   one reduction, where autodiff of `jnp.var` takes two and stores two more
   activation-sized temporaries (one is the gradient through the mean, whose
-  factor sum(x - mean) is zero); residuals are x (stored by the layer) and
-  two scalars per sample. (Sums stay single-operand reductions: XLA:CPU
-  gives those to a library kernel that reads a stored input at memory speed,
-  where a variadic reduce that reads x without storing anything is an
-  unvectorised loop, twice as slow as storing and reading.)
+  factor sum(x - mean) is zero); residuals are x and two scalars per sample.
   """
   return _prenormalize_fwd(x)[0]
 
@@ -208,11 +173,22 @@ def _prenormalize_bwd(res, g):
 prenormalize.defvjp(_prenormalize_fwd, _prenormalize_bwd)
 
 
-def _alpha(schedule: Mapping[str, Any] | None) -> Array:
-  if not schedule or "alpha" not in schedule:
-    raise ValueError("noise adaptation is on, so training needs schedule['alpha'] "
-                     "(the weight of the learned error term; decays to 0)")
-  return schedule["alpha"]
+def deployed_input(q, x: Array, aux, prenorm: bool) -> Array:
+  """The deployed form of a layer input: q.binarize(x), after the prenorm when
+  q's deployed form is not invariant to a positive scale."""
+  if prenorm and not q.scale_invariant:
+    x = prenormalize(x)
+  return q.binarize(x, aux, "input")
+
+
+def kernel_scale(scaling: str, w: Array) -> Array | None:
+  """The per-output-channel weight scale of 'mean_abs' / 'mean_abs_tensor' scaling
+  (float32 [Cout]); None for 'none' and 'learned' (a parameter)."""
+  if scaling == "mean_abs":
+    return jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+  if scaling == "mean_abs_tensor":
+    return jnp.full((w.shape[-1],), jnp.mean(jnp.abs(w)), w.dtype)
+  return None
 
 
 class _BinaryOperands(nn.Module):
@@ -222,71 +198,62 @@ class _BinaryOperands(nn.Module):
   input_quantizer: Any = None
   scaling: str = "none"
   prenorm: bool = False
-  kernel_noise: Any = None
-  input_noise: Any = None
   use_bias: bool = False
   dtype: Any = None  # compute dtype (e.g. jnp.bfloat16); latent weights stay float32
   kernel_init: Callable = default_kernel_init
 
   def _check(self):
-    if self.scaling not in SCALINGS:
-      raise ValueError(f"{type(self).__name__}: scaling={self.scaling!r} is not allowed; "
-                       f"allowed: {list(SCALINGS)}")
+    where = type(self).__name__
+    check_scaling(self.scaling, where)
+    check_role(resolve(self.kernel_quantizer), "kernel", where)
+    check_role(resolve(self.input_quantizer), "input", where)
 
-  def _quantize_input(self, x: Array, train: bool, schedule) -> Array:
+  def _aux(self, q, role: str, shape) -> Any:
+    """The learned parts of q for this operand (a parameter of the layer), or None."""
+    if not q.has_aux(role):
+      return None
+    return self.param(f"{role}_{q.aux_name}", lambda key: q.init_aux(key, role, shape))
+
+  def _quantize_input(self, x: Array, train: bool) -> Array:
     """The operand of the conv / dot, computed once (`materialize`)."""
-    q = _resolve(self.input_quantizer)
+    q = resolve(self.input_quantizer)
     x = x.astype(self.dtype) if self.dtype is not None else x
     if q is None:
       return materialize(x)
-    noise = _noise_config(self.input_noise)
+    aux = self._aux(q, "input", x.shape)
     if train:
       dtype = x.dtype
-      if self.prenorm or noise is not None:
-        # q(prenorm(x)) + alpha e(x) in float32 from one stored float32 x, cast to the
-        # compute dtype once (a float32 alpha would otherwise promote the sum). XLA:CPU
-        # runs 16-bit products and reductions in float32: with 16-bit x they converted
-        # x and the gradients again in every pass. One-off A/B of bfloat16 resnet20
-        # steps against bfloat16 here (one process, 13 interleaved windows): fda 0.87x
-        # wall / 0.94x CPU time, biper 0.99x / 0.97x (benchmarks/train_step.py notes).
-        x = materialize(x.astype(jnp.float32))  # read by reductions / the noise matmul too
+      if self.prenorm or aux is not None:
+        # In float32 from one stored float32 x, cast to the compute dtype once: a float32
+        # schedule value or learned part would otherwise promote the operand, and XLA:CPU
+        # would convert x and its gradients again in every pass.
+        x = materialize(x.astype(jnp.float32))
       if self.prenorm:
         x = prenormalize(x)
-      y = q(x, **q.scheduled(schedule))
-      if noise is not None:
-        y = y + _alpha(schedule) * NoiseAdapter(**noise, name="input_noise")(x)
-      y = y.astype(dtype)
+      y = q.quantize(x, aux, "input").astype(dtype)
     else:
-      if noise is not None and self.is_initializing():
-        NoiseAdapter(**noise, name="input_noise")(x)
-      y = q.binarize(x)
+      y = deployed_input(q, x, aux, self.prenorm)
     y = materialize(y)
     self.sow("intermediates", "input", y)
     return y
 
-  def _quantize_kernel(self, w: Array, train: bool, schedule) -> Array:
+  def _quantize_kernel(self, w: Array, train: bool) -> Array:
     """Quantized kernel of latent w [..., features], per-channel scale included."""
-    q = _resolve(self.kernel_quantizer)
+    q = resolve(self.kernel_quantizer)
     if q is None:
       k = w
-    elif train:
-      k = q(w, **q.scheduled(schedule))
-      noise = _noise_config(self.kernel_noise)
-      if noise is not None:
-        rows = w.reshape(-1, self.features).T  # one row per output channel
-        e = NoiseAdapter(**noise, name="kernel_noise")(rows).T.reshape(w.shape)
-        k = k + _alpha(schedule) * e
-      reg = q.regularizer(w)
-      if reg is not None:
-        self.sow("losses", "kernel_regularizer", reg)
     else:
-      noise = _noise_config(self.kernel_noise)
-      if noise is not None and self.is_initializing():
-        NoiseAdapter(**noise, name="kernel_noise")(w.reshape(-1, self.features).T)
-      k = q.binarize(w)
-    if self.scaling == "mean_abs":
-      axes = tuple(range(w.ndim - 1))
-      k = k * jax.lax.stop_gradient(jnp.mean(jnp.abs(w), axis=axes))
+      aux = self._aux(q, "kernel", w.shape)
+      if train:
+        k = q.quantize(w, aux, "kernel")
+        reg = q.regularizer(w)
+        if reg is not None:
+          self.sow("losses", "kernel_regularizer", reg)
+      else:
+        k = q.binarize(w, aux, "kernel")
+    scale = kernel_scale(self.scaling, w)
+    if scale is not None:
+      k = k * jax.lax.stop_gradient(scale)
     if self.dtype is not None:
       k = k.astype(self.dtype)
     self.sow("intermediates", "kernel", k)
@@ -297,21 +264,21 @@ class _BinaryOperands(nn.Module):
       return None
     return self.param("scale", nn.initializers.uniform(1.0), (self.features,), jnp.float32)
 
-  def _operands(self, x: Array, w: Array, train: bool, schedule):
+  def _operands(self, x: Array, w: Array, train: bool):
     """(xq, k, scale): the quantized operands; in training the learned scale is
-    folded into k (conv(x, k) * alpha_c = conv(x, k alpha_c), per output
+    folded into k (conv(x, k) * s_c = conv(x, k s_c), per output
     channel) and scale is None: a multiply over the kernel instead of two
     passes over the activations (forward and backward) and a reduction for
     its gradient. In evaluation the output is scaled, as the deployed model."""
-    xq = self._quantize_input(x, train, schedule)
-    k = self._quantize_kernel(w, train, schedule)
+    xq = self._quantize_input(x, train)
+    k = self._quantize_kernel(w, train)
     scale = self._learned_scale()
     if train and scale is not None:
       k, scale = k * scale.astype(k.dtype), None
     k = k.astype(xq.dtype)
     if self.kernel_quantizer is not None:
       # Stored once: else each consumer (the conv, the transposed copies for its
-      # gradients) recomputes the quantizer, BiPer's libm sine included.
+      # gradients) recomputes the quantizer.
       k = materialize(k)
     return xq, k, scale
 
@@ -331,13 +298,12 @@ class BinaryConv(_BinaryOperands):
   padding: str | int = "SAME"
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False,
-               schedule: Mapping[str, Any] | None = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     self._check()
     kh, kw = self.kernel_size
     w = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features),
                    jnp.float32)
-    xq, k, scale = self._operands(x, w, train, schedule)
+    xq, k, scale = self._operands(x, w, train)
     pad = self.padding if isinstance(self.padding, str) else [(self.padding,) * 2] * 2
     y = jax.lax.conv_general_dilated(xq, k, tuple(self.strides), pad,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -348,9 +314,8 @@ class BinaryDense(_BinaryOperands):
   """Dense layer (kernel [in, out]) with quantized kernel and input."""
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False,
-               schedule: Mapping[str, Any] | None = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     self._check()
     w = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    xq, k, scale = self._operands(x, w, train, schedule)
+    xq, k, scale = self._operands(x, w, train)
     return self._finish(jnp.dot(xq, k), scale)

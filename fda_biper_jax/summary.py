@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -57,7 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fda_biper_jax import layers, quantizers
+from fda_biper_jax import layers, methods, trace
 
 MB = 2 ** 20
 KB = 2 ** 10
@@ -188,14 +187,6 @@ class Summary:
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class _Call:
-  module: nn.Module
-  path: tuple
-  input_shape: tuple | None
-  output_shape: tuple | None
-
-
 def _shape(x) -> tuple | None:
   s = getattr(x, "shape", None)
   return None if s is None else tuple(int(d) for d in s)
@@ -203,10 +194,6 @@ def _shape(x) -> tuple | None:
 
 def _per_example(s: tuple | None) -> tuple | None:
   return None if s is None or len(s) == 0 else tuple(s[1:])
-
-
-def _resolve(spec):
-  return None if spec is None else quantizers.get(spec)
 
 
 def _bits(q) -> int:
@@ -217,18 +204,11 @@ def _name(path: tuple, root: str) -> str:
   return "/".join(str(p) for p in path) if path else root
 
 
-def _accepts(model: nn.Module, arg: str) -> bool:
-  try:
-    return arg in inspect.signature(model.__call__).parameters
-  except (TypeError, ValueError):
-    return False
-
-
 def summarize(model: nn.Module, input_shape: Sequence[int], *, dtype=jnp.float32,
               batch_size: int = 1, **apply_kwargs) -> Summary:
   """Summary of `model` on inputs of per-example shape `input_shape` (e.g. HWC).
 
-  `apply_kwargs` go to the model's call (e.g. `train=False, schedule=None`);
+  `apply_kwargs` go to the model's call (e.g. `train=True`);
   when the model takes a `train` argument and none is given, `train=False`
   (the deployed network) is used. Nothing is computed: `model.init` is only
   traced, under `jax.eval_shape`.
@@ -236,24 +216,8 @@ def summarize(model: nn.Module, input_shape: Sequence[int], *, dtype=jnp.float32
   input_shape = tuple(int(d) for d in input_shape)
   if any(d <= 0 for d in input_shape):
     raise ValueError(f"summarize: input_shape={input_shape} must have positive dimensions")
-  if "train" not in apply_kwargs and _accepts(model, "train"):
-    apply_kwargs["train"] = False
-  calls: list[_Call] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__":
-      x = args[0] if args else next(iter(kwargs.values()), None)
-      calls.append(_Call(context.module, tuple(context.module.path), _shape(x), _shape(out)))
-    return out
-
-  def init(x):
-    with nn.intercept_methods(interceptor):
-      key = jax.random.key(0)
-      return model.init({"params": key, "dropout": key}, x, **apply_kwargs)
-
-  x = jax.ShapeDtypeStruct((batch_size,) + input_shape, dtype)
-  variables = jax.eval_shape(init, x)
+  calls, variables = trace.calls(model, input_shape, dtype=dtype, batch_size=batch_size,
+                                 **apply_kwargs)
   variables = dict(variables)
   params = variables.pop("params", {})
   non_trainable = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(variables))
@@ -270,27 +234,27 @@ def summarize(model: nn.Module, input_shape: Sequence[int], *, dtype=jnp.float32
   for c in calls:
     m = c.module
     if isinstance(m, _BINARY_LAYERS):
-      qk, qi = _resolve(m.kernel_quantizer), _resolve(m.input_quantizer)
+      qk, qi = layers.resolve(m.kernel_quantizer), layers.resolve(m.input_quantizer)
     elif isinstance(m, _FLOAT_MAC_LAYERS):
       qk = qi = None
     else:
       continue
-    kshape = kernel_shapes.get(c.path)
+    kshape = kernel_shapes.get(c.parts)
     if kshape is None:
       continue
     out = _per_example(c.output_shape)
     positions = int(np.prod(out[:-1])) if out else 1
     n = positions * int(np.prod(kshape))
     ib, kb = _bits(qi), _bits(qk)
-    row = rows.get(c.path)
+    row = rows.get(c.parts)
     if row is None:
-      row = rows[c.path] = LayerRow(
-          name=_name(c.path, root), type=type(m).__name__,
+      row = rows[c.parts] = LayerRow(
+          name=_name(c.parts, root), type=type(m).__name__,
           input_shape=_per_example(c.input_shape), output_shape=out, kernel_shape=kshape,
           input_quantizer=None if qi is None else qi.name,
           kernel_quantizer=None if qk is None else qk.name,
           input_bits=ib, kernel_bits=kb, calls=0)
-      mac_paths.add(c.path)
+      mac_paths.add(c.parts)
     row.calls += 1
     nbin = (ib == BINARY_BITS) + (kb == BINARY_BITS)
     if nbin == 2:
@@ -303,7 +267,7 @@ def summarize(model: nn.Module, input_shape: Sequence[int], *, dtype=jnp.float32
   # Other modules that own parameters, in call order (first call).
   first_call = {}
   for c in calls:
-    first_call.setdefault(c.path, c)
+    first_call.setdefault(c.parts, c)
   order = {p: i for i, p in enumerate(first_call)}
 
   def owner_row(owner: tuple) -> LayerRow:
@@ -317,7 +281,7 @@ def summarize(model: nn.Module, input_shape: Sequence[int], *, dtype=jnp.float32
           input_shape=_per_example(c.input_shape) if c else None,
           output_shape=_per_example(c.output_shape) if c else None,
           kernel_shape=None, input_quantizer=None, kernel_quantizer=None,
-          input_bits=None, kernel_bits=None, calls=sum(1 for d in calls if d.path == owner))
+          input_bits=None, kernel_bits=None, calls=sum(1 for d in calls if d.parts == owner))
     return rows[owner]
 
   for path, size, _ in param_leaves:
@@ -458,8 +422,8 @@ def _parser() -> argparse.ArgumentParser:
 def _quantizer_arg(name: str):
   if name.lower() == "none":
     return None
-  if name not in quantizers.NAMES:
-    raise ValueError(f"unknown quantizer {name!r}; allowed names: {list(quantizers.NAMES)}")
+  if name not in methods.names():
+    raise ValueError(f"unknown quantizer {name!r}; allowed names: {list(methods.names())}")
   return name
 
 

@@ -12,11 +12,13 @@ One training step (`make_train_step`), jitted once for the whole run:
    flip and normalisation, with a key derived from (seed, step); JAX's
    partitionable PRNG makes these values independent of the device count);
 2. per device (`jax.shard_map` over parallel.AXIS, pmap semantics): the
-   schedule values of this step (learning rate, FDA n and alpha, BNN++ beta,
-   tau) from `state.step`, the model in training mode, cross-entropy plus
-   tau times the quantizers' weight regularisers (BiPer's sin^2 term), the
+   model in training mode inside `schedules.training_step(state.step, ...)`
+   (every scheduled method parameter follows the traced step), cross-entropy
+   plus the methods' weighted regularisers (BiPer's sin^2 term), the
    gradient of `pmean(loss)` (the mean over devices), the optax update, and
-   BatchNorm statistics averaged over the axis by BatchNorm itself.
+   BatchNorm statistics averaged over the axis by BatchNorm itself. The
+   trainer names no method: it logs whatever scheduled values the model's
+   quantizers have (`trace.quantizers`) and every kernel's gradient norm.
 
 Resumption is exact: the state carries the step, the data order of epoch e
 is a function of (seed, e) and the augmentation key of (seed, step) (a stream
@@ -30,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -46,9 +49,11 @@ from fda_biper_jax import analysis
 from fda_biper_jax import checkpoints as ckpt_lib
 from fda_biper_jax import data as data_lib
 from fda_biper_jax import inputs
+from fda_biper_jax import methods
 from fda_biper_jax import models
 from fda_biper_jax import parallel
 from fda_biper_jax import schedules as schedules_lib
+from fda_biper_jax import trace
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +76,9 @@ class TrainState:
 
 
 def quantization(config) -> dict[str, Any]:
-  """The model's quantization kwargs; FDA's max_terms bound to the n schedule."""
-  q = config.quantization.to_dict() if hasattr(config.quantization, "to_dict") \
-      else dict(config.quantization)
-  for key in ("kernel_quantizer", "input_quantizer"):
-    spec = q.get(key)
-    if isinstance(spec, str):
-      spec = {"name": spec}
-    if isinstance(spec, Mapping) and spec.get("name") == "fda" and spec.get("max_terms") is None:
-      spec = {**spec, "max_terms": int(config.fda.n_end)}
-    if spec is not None:
-      q[key] = spec
-  return q
+  """The model's quantization keywords, as plain values, from `config.quantization`."""
+  q = config.quantization
+  return q.to_dict() if hasattr(q, "to_dict") else dict(q)
 
 
 def _fail(msg: str):
@@ -97,6 +93,9 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
   if data and config.input == "memory" and config.dataset != "synthetic":
     data_lib.check_obtainable(config.dataset, data_dir=config.data_dir or None,
                               manual_dir=config.manual_dir or None)
+  removed = methods.removed_settings(config)
+  if removed:
+    _fail(removed)
   if config.model not in models.NAMES:
     _fail(f"model={config.model!r} is not allowed; allowed: {list(models.NAMES)}")
   opt = config.optimizer
@@ -105,9 +104,9 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
   for key in ("learning_rate", "weight_decay", "warmup_epochs"):
     if not opt[key] >= 0:
       _fail(f"optimizer.{key}={opt[key]!r} is not allowed; it must be >= 0")
-  if opt.weight_decay_mask not in DECAY_MASKS:
-    _fail(f"optimizer.weight_decay_mask={opt.weight_decay_mask!r} is not allowed; "
-          f"allowed: {list(DECAY_MASKS)}")
+  decay_mask(opt.weight_decay_mask)
+  if opt.decay not in schedules_lib.DECAYS:
+    _fail(f"optimizer.decay={opt.decay!r} is not allowed; allowed: {list(schedules_lib.DECAYS)}")
   if config.compute_dtype not in COMPUTE_DTYPES:
     _fail(f"compute_dtype={config.compute_dtype!r} is not allowed; "
           f"allowed: {list(COMPUTE_DTYPES)}")
@@ -115,16 +114,8 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
               "keep_checkpoints", "eval_every_epochs"):
     if not (isinstance(config[key], int) and config[key] >= 1):
       _fail(f"{key}={config[key]!r} is not allowed; it must be an integer >= 1")
-  if not 0 <= config.fda.n_start <= config.fda.n_end:
-    _fail(f"fda.n_start={config.fda.n_start}, fda.n_end={config.fda.n_end} are not allowed; "
-          "need 0 <= n_start <= n_end")
-  if not 0 < config.bnn_pp.beta_start <= config.bnn_pp.beta_end:
-    _fail(f"bnn_pp.beta_start={config.bnn_pp.beta_start}, beta_end={config.bnn_pp.beta_end} "
-          "are not allowed; need 0 < beta_start <= beta_end")
-  if config.regularizer_tau < 0:
-    _fail(f"regularizer_tau={config.regularizer_tau} is not allowed; it must be >= 0")
   # The model and its quantizers: unknown names and bad values raise here.
-  models.create(config.model, 10, **quantization(config))
+  create_model(config, 10)
   if config.init_from and not os.path.isdir(config.init_from):
     _fail(f"init_from={config.init_from!r} is not a directory (a stage-1 workdir is expected)")
 
@@ -134,13 +125,50 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
 # --------------------------------------------------------------------------
 
 
+def create_model(config, num_classes: int, axis_name: str | None = None):
+  """The config's model with `num_classes` logits (quantization, dtype, BN init)."""
+  return models.create(config.model, num_classes, dtype=COMPUTE_DTYPES[config.compute_dtype],
+                       axis_name=axis_name, bn_scale_init=config.get("bn_scale_init", 1.0),
+                       **quantization(config))
+
+
+def learning_rate(config, steps_per_epoch: int) -> optax.Schedule:
+  """The config's learning-rate schedule over num_epochs of steps_per_epoch steps."""
+  opt = config.optimizer
+  return schedules_lib.learning_rate(opt.learning_rate, config.num_epochs * steps_per_epoch,
+                                     int(opt.warmup_epochs * steps_per_epoch), opt.decay)
+
+
+def _path(key_path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
+
+
+def decay_mask(spec: str):
+  """The weight-decay mask of `optimizer.weight_decay_mask`: None ('all'), the
+  kernels ('kernels'), or the parameters whose '/'-joined path matches a
+  regular expression ('re:PATTERN', searched; e.g. the public BiPer ImageNet
+  code decays parameters named conv / fc but not the downsample conv:
+  're:^(?!.*downsample/).*(conv|fc)/')."""
+  if spec == "all":
+    return None
+  if spec == "kernels":
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+  if isinstance(spec, str) and spec.startswith("re:"):
+    try:
+      pattern = re.compile(spec[3:])
+    except re.error as e:
+      _fail(f"optimizer.weight_decay_mask={spec!r} is not a valid regular expression: {e}")
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: pattern.search(_path(path)) is not None, params)
+  _fail(f"optimizer.weight_decay_mask={spec!r} is not allowed; allowed: {list(DECAY_MASKS)} "
+        "or 're:PATTERN' (a regular expression over parameter paths)")
+
+
 def make_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
   """SGD (momentum, L2 as PyTorch's weight_decay), Adam (L2) or AdamW."""
   opt = config.optimizer
-  mask = None
-  if opt.weight_decay_mask == "kernels":
-    mask = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
-        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+  mask = decay_mask(opt.weight_decay_mask)
   if opt.name == "adamw":
     return optax.adamw(lr, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=mask)
   base = (optax.sgd(lr, momentum=opt.momentum or None, nesterov=opt.nesterov)
@@ -163,37 +191,57 @@ def _sum_losses(collection) -> jax.Array:
   return sum(leaves) if leaves else jnp.zeros((), jnp.float32)
 
 
-def make_train_step(model, tx, schedules: schedules_lib.Schedules, mesh, preprocess,
-                    donate: bool = True):
+def grad_norms(grads) -> dict[str, jax.Array]:
+  """{'/'-joined path of a kernel: its gradient's L2 norm}, and 'all' for every parameter."""
+  out = {_path(kp[:-1]): jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+         for kp, g in jax.tree_util.tree_leaves_with_path(grads)
+         if getattr(kp[-1], "key", None) == "kernel"}
+  out["all"] = optax.global_norm(grads)
+  return out
+
+
+def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, *,
+                    total_steps: int, steps_per_epoch: int,
+                    quantizers: Mapping[str, Any] | None = None, donate: bool = True):
   """Returns step(state, images, labels, key) -> (state, metrics) on a global
   batch sharded over the mesh (an input source's `train_batch`, see `inputs`);
   `preprocess(key, images)` (the source's augmentation and normalisation) runs
-  on the global batch inside the step, with the key folded with the step."""
+  on the global batch inside the step, with the key folded with the step.
+
+  The model runs inside `schedules.training_step(state.step, total_steps,
+  steps_per_epoch)`, so every scheduled method parameter follows the traced
+  step; the metrics carry the learning rate, the scheduled values of
+  `quantizers` ({label: quantizer}, e.g. `trace.quantizers(model, shape)`),
+  the methods' regularisers and the gradient norm of every kernel.
+  """
+  quantizers = dict(quantizers or {})
 
   def per_device(state: TrainState, x, y):
-    values = schedules.values(state.step)
+    with schedules_lib.training_step(state.step, total_steps, steps_per_epoch) as progress:
+      def loss_fn(params):
+        logits, mut = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats", "losses"])
+        ce = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), y).mean()
+        reg = _sum_losses(mut.get("losses", {}))
+        # pmean of the loss, then grad: the gradient w.r.t. the replicated
+        # params is the mean over devices (differentiating the local loss would
+        # return it already summed over the axis under check_vma).
+        return lax.pmean(ce + reg, parallel.AXIS), (logits, mut, ce, reg)
 
-    def loss_fn(params):
-      logits, mut = model.apply(
-          {"params": params, "batch_stats": state.batch_stats}, x, train=True,
-          schedule=values, mutable=["batch_stats", "losses"])
-      ce = optax.softmax_cross_entropy_with_integer_labels(
-          logits.astype(jnp.float32), y).mean()
-      reg = _sum_losses(mut.get("losses", {}))
-      # pmean of the loss, then grad: the gradient w.r.t. the replicated
-      # params is the mean over devices (differentiating the local loss would
-      # return it already summed over the axis under check_vma).
-      return lax.pmean(ce + values["tau"] * reg, parallel.AXIS), (logits, mut, ce, reg)
-
-    (_, (logits, mut, ce, reg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      (_, (logits, mut, ce, reg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+          state.params)
+      scheduled = trace.scheduled_values(quantizers, progress)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                      batch_stats=mut.get("batch_stats", state.batch_stats), opt_state=opt_state)
     correct = lax.psum(jnp.sum(jnp.argmax(logits, -1) == y), parallel.AXIS)
-    metrics = {"loss": lax.pmean(ce, parallel.AXIS), "regularizer": reg,
+    metrics = {"loss": lax.pmean(ce, parallel.AXIS), "regularizer": lax.pmean(reg, parallel.AXIS),
                "correct": correct, "count": lax.psum(y.shape[0], parallel.AXIS),
-               "learning_rate": values["learning_rate"], "n_terms": values["n_terms"],
-               "alpha": values["alpha"], "beta": values["beta"]}
+               "learning_rate": jnp.asarray(learning_rate(state.step), jnp.float32),
+               "scheduled": {k: jnp.asarray(v, jnp.float32) for k, v in scheduled.items()},
+               "grad_norm": grad_norms(grads)}
     return new, metrics
 
   mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(parallel.AXIS), P(parallel.AXIS)),
@@ -346,11 +394,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _evaluate_only(workdir, ckpts, mesh, source, runlog)
 
   steps_per_epoch = source.steps_per_epoch
-  model = models.create(config.model, source.num_classes,
-                        dtype=COMPUTE_DTYPES[config.compute_dtype], axis_name=parallel.AXIS,
-                        **quantization(config))
-  sched = schedules_lib.from_config(config, steps_per_epoch)
-  tx = make_optimizer(config, sched.learning_rate)
+  model = create_model(config, source.num_classes, axis_name=parallel.AXIS)
+  lr = learning_rate(config, steps_per_epoch)
+  tx = make_optimizer(config, lr)
   state = create_state(model, tx, init_key, source.image_shape)
   if config.init_from:
     state = _init_from_stage(state, config.init_from)
@@ -363,10 +409,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = parallel.replicate(state, mesh)
 
   layer_log = LayerLog(model, source.image_shape, state) if config.log_layer_stats else None
-  train_step = make_train_step(model, tx, sched, mesh, source.preprocess)
+  total = config.num_epochs * steps_per_epoch
+  train_step = make_train_step(model, tx, lr, mesh, source.preprocess, total_steps=total,
+                               steps_per_epoch=steps_per_epoch,
+                               quantizers=trace.quantizers(model, source.image_shape))
   eval_step = make_eval_step(model, mesh, source.eval_preprocess)
 
-  total = sched.total_steps
   step = int(state.step)
   best = {"accuracy": -1.0, "step": None}
   if ckpts.best.best_step() is not None:
@@ -407,8 +455,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       last = got[-1]
       runlog.write({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                     "loss": loss, "accuracy": acc, "images_per_sec": rate,
-                    **{k: float(last[k]) for k in ("learning_rate", "n_terms", "alpha", "beta",
-                                                   "regularizer")}})
+                    "learning_rate": float(last["learning_rate"]),
+                    "regularizer": float(last["regularizer"]),
+                    **{k: float(v) for k, v in last["scheduled"].items()},
+                    "grad_norm": float(last["grad_norm"]["all"]),
+                    "grad_norms": {k: float(v) for k, v in last["grad_norm"].items()
+                                   if k != "all"}})
       eval_txt = "" if last_eval is None else f" | eval acc {100 * last_eval:.2f}%"
       runlog.say(f"step {step}/{total} | epoch {step / steps_per_epoch:.2f}/{config.num_epochs}"
                  f" | loss {loss:.4f} | train acc {100 * acc:.2f}%{eval_txt}"
@@ -453,8 +505,7 @@ def _evaluate_only(workdir, ckpts, mesh, source, runlog):
   saved = ml_collections.ConfigDict(meta["config"])
   # The optimizer state's structure (for the restore template) needs a schedule,
   # not its length.
-  sched = schedules_lib.from_config(saved, 1)
-  template = create_state(model, make_optimizer(saved, sched.learning_rate),
+  template = create_state(model, make_optimizer(saved, learning_rate(saved, 1)),
                           jax.random.key(0), source.image_shape)
   step, state, _ = ckpts.restore_latest(template)
   ckpts.close()

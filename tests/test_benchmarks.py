@@ -43,7 +43,8 @@ def test_train_step_benchmark_writes_table_and_json(tmp_path, capsys):
   assert rows["identity"]["ratio_to_fp"] == rows["identity"]["cpu_ratio_to_fp"] == 1.0
   assert rows["identity"]["target"] is None
   assert rows["biper"]["target"] == train_step.CPU_TARGET
-  assert rows["biper"]["quantization"]["kernel_quantizer"] == {"name": "biper", "omega0": 20.0}
+  assert rows["biper"]["quantization"]["kernel_quantizer"] == {"name": "biper", "omega0": 20.0,
+                                                               "tau": 0.0468}
   (pipeline,) = results["pipeline"]
   assert set(pipeline) == PIPELINE_KEYS and pipeline["images_per_s"] > 0
 

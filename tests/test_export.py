@@ -28,9 +28,8 @@ from fda_biper_jax import data, export, inference, inputs, models, train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIPER = dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
              prenorm=True)
-FDA = dict(kernel_quantizer={"name": "fda", "max_terms": 18},
-           input_quantizer={"name": "fda", "max_terms": 18},
-           scaling="mean_abs", kernel_noise={}, input_noise={})
+FDA = dict(kernel_quantizer={"name": "fda", "noise": True},
+           input_quantizer={"name": "fda", "noise": True}, scaling="mean_abs")
 # One quantization per model, so the zoo together covers every scaling, prenorm,
 # the noise adapters and several quantizers on kernels and inputs.
 ZOO = {
@@ -42,7 +41,8 @@ ZOO = {
     "resnet34": BIPER,
     "tiny_cnn": dict(kernel_quantizer="approx_sign", input_quantizer="bnn_pp", scaling="learned"),
 }
-BINARY_QUANTIZERS = ("ste", "approx_sign", "sign_swish", "fda", "biper", "bnn_pp")
+BINARY_QUANTIZERS = ("ste", "approx_sign", "sign_swish", "fda", "biper", "bnn_pp", "ir_net",
+                     "reste")
 IMAGENET = ("resnet18", "resnet34")
 ODD_K = (1, 31, 32, 33, 45, 100)
 
@@ -158,8 +158,37 @@ def test_every_binary_quantizer_round_trips(quantizer):
   assert {e["kernel_quantizer"]["name"] for e in packed.header["layers"].values()} == {quantizer}
 
 
+@pytest.mark.parametrize("quantization", [
+    # ReActNet: learned per-channel thresholds travel with the packed layer
+    dict(kernel_quantizer={"name": "ste", "clip": 1.0}, input_quantizer="rsign",
+         scaling="mean_abs"),
+    # IR-Net's balanced weights and ReSTE's whole-tensor scale
+    dict(kernel_quantizer={"name": "ir_net", "balance": True}, input_quantizer="ir_net",
+         scaling="mean_abs_tensor"),
+    # a deployed input form that depends on scale, after the prenorm
+    dict(kernel_quantizer="biper", input_quantizer="biper", scaling="learned", prenorm=True),
+], ids=["rsign", "ir_net_balance", "biper_input_prenorm"])
+def test_method_parts_round_trip(quantization):
+  model = models.create("tiny_cnn", 10, **quantization)
+  variables = bench.random_variables(model, _shape("tiny_cnn"))
+  packed = export.export(model, variables, _shape("tiny_cnn"))
+  _assert_same_logits(model, variables, packed, _images(_shape("tiny_cnn"), batch=4))
+  entries = packed.header["layers"].values()
+  if quantization["input_quantizer"] == "rsign":
+    assert all(e["input_aux"] == ["alpha"] for e in entries)
+    thresholds = [a for k, a in packed.arrays.items() if k.endswith("/input_aux/alpha")]
+    assert len(thresholds) == 2 and all(np.abs(t).max() > 0 for t in thresholds)
+    # Without the thresholds the logits differ: they are used, not just carried.
+    stripped = export.Packed({**packed.header, "layers": {
+        p: {**e, "input_aux": []} for p, e in packed.header["layers"].items()}},
+        {k: v for k, v in packed.arrays.items() if "/input_aux/" not in k})
+    x = _images(_shape("tiny_cnn"), batch=4)
+    assert not np.allclose(inference.Predictor(stripped)(x), inference.Predictor(packed)(x))
+
+
 @pytest.mark.parametrize("quantization,packed_layers", [
     (dict(kernel_quantizer="biper", input_quantizer="identity", scaling="none"), 2),  # mixed
+    (dict(kernel_quantizer="biper", input_quantizer="identity", prenorm=True), 2),  # mixed
     (dict(kernel_quantizer="biper_sine", input_quantizer="approx_sign"), 0),  # not binary
 ])
 def test_mixed_and_float_kernels_round_trip(quantization, packed_layers):

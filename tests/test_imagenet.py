@@ -50,8 +50,14 @@ def test_configs_follow_the_papers_and_build_their_models(name):
   n = sum(x.size for x in jax.tree.leaves(shapes["params"]))
   if name.startswith("biper"):
     stage = name.split()[-1]
-    assert (c.num_epochs, c.optimizer.learning_rate, c.optimizer.weight_decay) == (
-        recipes.IMAGENET_BIPER_STAGES[stage])
+    assert (c.num_epochs, c.optimizer.learning_rate, c.optimizer.weight_decay,
+            c.optimizer.warmup_epochs) == recipes.IMAGENET_BIPER_STAGES[stage]
+    # The public ImageNet code: no sin^2 regulariser, no stage-2 warm-up, decay on conv /
+    # fc parameters only, BatchNorm scales from 1e-8.
+    assert c.quantization.kernel_quantizer["tau"] == 0.0
+    assert c.optimizer.warmup_epochs == (5.0 if stage == "stage1" else 0.0)
+    assert c.optimizer.weight_decay_mask == recipes.IMAGENET_DECAY_MASK
+    assert c.bn_scale_init == 1e-8
     assert c.batch_size == 512 and c.optimizer.name == "sgd"
     assert c.quantization.kernel_quantizer["name"] == (
         "biper_sine" if stage == "stage1" else "biper")
@@ -60,7 +66,34 @@ def test_configs_follow_the_papers_and_build_their_models(name):
   else:
     assert (c.optimizer.name, c.optimizer.learning_rate, c.optimizer.weight_decay) == (
         "adam", 1e-3, 0.0)
-    assert c.quantization.kernel_quantizer["name"] == "fda" and c.quantization.kernel_noise
+    assert c.quantization.kernel_quantizer["name"] == "fda"
+    assert c.quantization.kernel_quantizer["noise"] and c.quantization.input_quantizer["noise"]
+
+
+def test_biper_imagenet_decays_conv_and_fc_but_not_batch_norm_nor_downsample():
+  c = biper_imagenet.get_config("resnet18,stage1")
+  model = models.create("resnet18", 1000, **train.quantization(c))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 64, 64, 3)),
+                                             train=False))["params"]
+  mask = train.decay_mask(c.optimizer.weight_decay_mask)(shapes)
+  decayed = {"/".join(str(k.key) for k in p) for p, m in
+             jax.tree_util.tree_leaves_with_path(mask) if m}
+  everything = {"/".join(str(k.key) for k in p) for p, _ in
+                jax.tree_util.tree_leaves_with_path(shapes)}
+  assert "stem/conv/kernel" in decayed and "head/fc/kernel" in decayed
+  assert "head/fc/bias" in decayed and "block0/unit1/main/conv/scale" in decayed
+  assert "block2/unit1/downsample/conv/kernel" in everything - decayed
+  assert not any("/bn/" in p for p in decayed)
+  # every binary conv's kernel and learned scale (16 + 16), stem, fc kernel and bias
+  assert len(decayed) == 16 * 2 + 1 + 2
+
+
+def test_batch_norm_scale_init_is_a_config_choice():
+  model = models.create("tiny_cnn", 4, bn_scale_init=1e-8)
+  v = model.init(jax.random.key(0), np.zeros((1, 8, 8, 3), np.float32))
+  scales = [a for p, a in jax.tree_util.tree_leaves_with_path(v["params"])
+            if p[-1].key == "scale"]
+  assert len(scales) == 4 and all(np.all(np.asarray(a) == np.float32(1e-8)) for a in scales)
 
 
 @pytest.fixture(scope="module")

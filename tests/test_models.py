@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fda_biper_jax import models
+from fda_biper_jax import models, schedules
 
-BIPER = dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
-             prenorm=True)
-FDA = dict(kernel_quantizer={"name": "fda", "max_terms": 18},
-           input_quantizer={"name": "fda", "max_terms": 18},
-           scaling="mean_abs", kernel_noise={}, input_noise={})
-FDA_SCHEDULE = {"n_terms": jnp.int32(9), "alpha": jnp.float32(0.1)}
+BIPER = dict(kernel_quantizer={"name": "biper", "tau": 0.0468}, input_quantizer="approx_sign",
+             scaling="learned", prenorm=True)
+FDA_Q = {"name": "fda", "noise": True}  # n 9 -> 18 and alpha 0.1 -> 0: the method's defaults
+FDA = dict(kernel_quantizer=FDA_Q, input_quantizer=FDA_Q, scaling="mean_abs")
+STEP = (jnp.int32(3), 10, 5)  # a traced step of 10, 5 per epoch: n = 10, alpha in (0, 0.1)
 
 ZOO = ("resnet18_cifar", "resnet20", "resnet20_fda", "vgg_small", "resnet18", "resnet34")
 IMAGENET = ("resnet18", "resnet34")
@@ -89,10 +88,13 @@ def _run(name, quantization="biper"):
   return model, variables, model.apply(variables, x, train=False, mutable=["intermediates"])
 
 
-def _train(model, variables, x, schedule=None, mutable=("batch_stats", "losses")):
-  """One jitted training forward (a whole-model compile beats op-by-op dispatch)."""
-  f = functools.partial(model.apply, train=True, mutable=list(mutable))
-  return jax.jit(f)(variables, x, schedule=schedule)
+def _train(model, variables, x, mutable=("batch_stats", "losses")):
+  """One jitted training forward (a whole-model compile beats op-by-op dispatch), at
+  `STEP` (so scheduled parameters have their step)."""
+  def f(variables, x, step):
+    with schedules.training_step(step, *STEP[1:]):
+      return model.apply(variables, x, train=True, mutable=list(mutable))
+  return jax.jit(f)(variables, x, STEP[0])
 
 
 def _layers(tree, path=()):
@@ -222,8 +224,9 @@ def test_fda_noise_modules_receive_gradients():
   variables = _fill(model, x)
 
   def loss(params):
-    logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                            train=True, schedule=FDA_SCHEDULE, mutable=["batch_stats"])
+    with schedules.training_step(*STEP):
+      logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                              train=True, mutable=["batch_stats"])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
   grads = jax.jit(jax.grad(loss))(variables["params"])
@@ -242,12 +245,15 @@ def test_fda_noise_modules_receive_gradients():
 @pytest.mark.parametrize("quantization", [
     dict(kernel_quantizer={"name": "biper", "omega0": 7}, input_quantizer="approx_sign",
          scaling="learned", prenorm=True),
-    dict(kernel_quantizer={"name": "fda", "n_terms": 5, "max_terms": 18, "omega": 0.3},
-         input_quantizer={"name": "bnn_pp", "beta": 3.0}, scaling="mean_abs",
-         kernel_noise={"reduction": 8}, input_noise={}),
+    dict(kernel_quantizer={"name": "fda", "n_terms": 5, "max_terms": 18, "omega": 0.3,
+                           "noise": {"reduction": 8}},
+         input_quantizer={"name": "bnn_pp", "beta": {"schedule": "linear", "start": 1, "end": 3}},
+         scaling="mean_abs"),
+    dict(kernel_quantizer={"name": "ir_net", "balance": True}, input_quantizer="rsign",
+         scaling="mean_abs_tensor"),
     dict(kernel_quantizer={"name": "ste", "clip": 1.5}),
     dict(),
-], ids=["biper", "fda_bnnpp", "ste", "twin"])
+], ids=["biper", "fda_bnnpp", "ir_net_rsign", "ste", "twin"])
 def test_config_round_trip(quantization):
   model = models.create("resnet20", 100, dtype="bfloat16", **quantization)
   cfg = models.config(model)
@@ -266,20 +272,22 @@ def test_round_trip_keeps_quantizer_parameters_and_outputs():
   model = models.create("resnet20", NUM_CLASSES, kernel_quantizer={"name": "biper", "omega0": 7},
                         input_quantizer="approx_sign", scaling="learned", prenorm=True)
   cfg = json.loads(json.dumps(models.config(model)))
-  assert cfg["kernel_quantizer"] == {"name": "biper", "omega0": 7.0}
+  assert cfg["kernel_quantizer"] == {"name": "biper", "omega0": 7.0, "tau": 0.0}
   restored = models.from_config(cfg)
   x = _input("resnet20")
   variables = _fill(model, x)
   for train in (False, True):
     kw = dict(train=train, mutable=["batch_stats"]) if train else dict(train=train)
-    a, b = model.apply(variables, x, **kw), restored.apply(variables, x, **kw)
+    with schedules.training_step(0, 10):
+      a, b = model.apply(variables, x, **kw), restored.apply(variables, x, **kw)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(u, v)
   # The default omega0 (20) gives another binary kernel: the parameter matters.
   default = models.create("resnet20", NUM_CLASSES, **BIPER)
   assert not np.array_equal(model.apply(variables, x), default.apply(variables, x))
   fda = models.config(models.create("resnet20_fda", 10, **FDA))
-  assert fda["kernel_quantizer"]["n_terms"] == 9 and fda["kernel_quantizer"]["max_terms"] == 18
+  assert fda["kernel_quantizer"]["n_terms"] == {"schedule": "stepwise", "start": 9.0, "end": 18.0,
+                                                "per": "epoch"}
   bnn = models.config(models.create("vgg_small", 10, kernel_quantizer={"name": "bnn_pp",
                                                                          "beta": 2.5}))
   assert json.loads(json.dumps(bnn))["kernel_quantizer"] == {"name": "bnn_pp", "beta": 2.5}
@@ -294,7 +302,10 @@ def test_round_trip_keeps_quantizer_parameters_and_outputs():
      "omega"),
     (lambda: models.create("resnet20", 10, scaling="max"), "scaling='max'"),
     (lambda: models.create("resnet20", 10, prenorm="yes"), "prenorm"),
-    (lambda: models.create("resnet20", 10, kernel_noise={"k": 64}), "noise"),
+    (lambda: models.create("resnet20", 10, kernel_noise={"k": 64}), "kernel_noise was removed"),
+    (lambda: models.create("resnet20", 10, kernel_quantizer={"name": "fda", "noise": {"k": 64}}),
+     r"noise takes no option \['k'\]"),
+    (lambda: models.create("resnet20", 10, bn_scale_init=0.0), "bn_scale_init=0.0"),
     (lambda: models.create("resnet20", 10, kernel_quantiser="biper"), "kernel_quantiser"),
     (lambda: models.create("resnet20", 10, dtype="int8"), "dtype"),
     (lambda: models.from_config({"num_classes": 10}), "name"),
@@ -341,17 +352,17 @@ def _conv_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
   return found
 
 
-@pytest.mark.parametrize("quantization, schedule", [(BIPER, None), (FDA, FDA_SCHEDULE)],
-                         ids=["biper", "fda_noise"])
-def test_bfloat16_training_runs_every_convolution_in_bfloat16(quantization, schedule):
+@pytest.mark.parametrize("quantization", [BIPER, FDA], ids=["biper", "fda_noise"])
+def test_bfloat16_training_runs_every_convolution_in_bfloat16(quantization):
   """Forward and backward: no float32 schedule value (alpha) promotes a conv to float32."""
   model = models.create("resnet20", NUM_CLASSES, dtype=jnp.bfloat16, **quantization)
   x = _input("resnet20")
   variables = _fill(model, x)
 
   def loss(params):
-    y, _ = model.apply({**variables, "params": params}, x, train=True, schedule=schedule,
-                       mutable=["batch_stats", "losses"])
+    with schedules.training_step(*STEP):
+      y, _ = model.apply({**variables, "params": params}, x, train=True,
+                         mutable=["batch_stats", "losses"])
     return jnp.sum(y)
 
   jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"]).jaxpr

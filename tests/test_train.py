@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import recipes, tiny
-from fda_biper_jax import checkpoints, inputs, models, parallel, schedules, train
+from fda_biper_jax import checkpoints, inputs, models, parallel, trace, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
@@ -97,7 +99,7 @@ def test_resumed_run_equals_uninterrupted_bit_for_bit(tmp_path, reference_run):
 
 def _template(config):
   model = models.create("tiny_cnn", 4, **train.quantization(config))
-  tx = train.make_optimizer(config, schedules.learning_rate(1e-3, 16))
+  tx = train.make_optimizer(config, train.learning_rate(config, 8))
   return train.create_state(model, tx, jax.random.key(0), (8, 8, 3))
 
 
@@ -111,7 +113,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, reference_run, caplog):
     step, _, meta = checkpoints.Checkpoints(wd).restore_latest(_template(tiny_config()))
   assert step == 12
   assert "unreadable" in caplog.text
-  assert meta["model"]["kernel_quantizer"] == {"name": "biper", "omega0": 20.0}
+  assert meta["model"]["kernel_quantizer"] == {"name": "biper", "omega0": 20.0, "tau": 0.0}
 
 
 def test_two_stage_handoff(tmp_path, reference_run):
@@ -168,22 +170,96 @@ def test_kill_9_loses_at_most_n_steps_and_resumes_exactly(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params_of(ref), params_of(resumed))
 
 
-def test_schedules_never_recompile_the_step():
-  c = tiny_config(**{"quantization.kernel_quantizer": {"name": "fda", "max_terms": 18},
-                     "quantization.input_quantizer": {"name": "bnn_pp"}, "bnn_pp.beta_end": 50.0})
+def test_scheduled_values_follow_the_step_and_never_recompile_it():
+  """The trainer names no method: it logs whatever the quantizers schedule, generically."""
+  c = tiny_config(**{
+      "quantization.kernel_quantizer": {"name": "fda"},  # n: stepwise 9 -> 18 per epoch
+      "quantization.input_quantizer": {"name": "bnn_pp", "beta": {
+          "schedule": "geometric", "start": 1.0, "end": 50.0}}})
   mesh = parallel.make_mesh()
   source = inputs.create(c, mesh, jax.random.key(2))
-  model = models.create("tiny_cnn", 4, axis_name=parallel.AXIS, **train.quantization(c))
-  sched = schedules.from_config(c, 8)
-  tx = train.make_optimizer(c, sched.learning_rate)
+  model = train.create_model(c, 4, axis_name=parallel.AXIS)
+  lr = train.learning_rate(c, 8)
+  tx = train.make_optimizer(c, lr)
   state = parallel.replicate(train.create_state(model, tx, jax.random.key(0), (8, 8, 3)), mesh)
-  step = train.make_train_step(model, tx, sched, mesh, source.preprocess)
-  seen = set()
+  step = train.make_train_step(model, tx, lr, mesh, source.preprocess, total_steps=16,
+                               steps_per_epoch=8,
+                               quantizers=trace.quantizers(model, (8, 8, 3)))
+  seen = []
   for i in range(16):
     state, m = step(state, *source.train_batch(i), jax.random.key(1))
-    seen.add((int(m["n_terms"]), round(float(m["beta"]), 3)))
-  assert len(seen) == 16 and len({n for n, _ in seen}) == 2  # values changed every step
+    assert set(m["scheduled"]) == {"kernel/fda/n_terms", "input/bnn_pp/beta"}
+    n, beta = int(m["scheduled"]["kernel/fda/n_terms"]), float(m["scheduled"]["input/bnn_pp/beta"])
+    assert n == 9 + (i // 8) * 10 // 2  # epoch 0: 9, epoch 1: 9 + floor(1 * 10 / 2) = 14
+    np.testing.assert_allclose(beta, 50.0 ** (i / 15), rtol=1e-5)
+    seen.append((n, beta))
+  assert len(set(seen)) == 16  # a new value every step
   assert step._cache_size() == 1
+
+
+def _first_step(config, workdir):
+  train.train_and_evaluate(config, workdir)
+  return records(workdir)[0]
+
+
+def test_a_constant_in_the_config_is_the_value_training_uses(tmp_path):
+  """Two constant betas give two first-step losses; the checkpoint records the one used."""
+  losses = []
+  for beta in (2.5, 5.0):
+    wd = str(tmp_path / str(beta))
+    c = tiny_config(num_epochs=1, log_every_steps=1, **{
+        "quantization.kernel_quantizer": {"name": "ste"},
+        "quantization.input_quantizer": {"name": "bnn_pp", "beta": beta}})
+    losses.append(_first_step(c, wd)["loss"])
+    meta = checkpoints.Checkpoints(wd).read_meta()
+    assert meta["model"]["input_quantizer"] == {"name": "bnn_pp", "beta": beta}
+  assert abs(losses[0] - losses[1]) > 1e-4, losses
+
+
+def test_the_log_holds_scheduled_values_regularizer_and_gradient_norms(tmp_path):
+  c = tiny_config(num_epochs=1, log_every_steps=4, **{
+      "quantization.kernel_quantizer": {"name": "biper", "tau": {
+          "schedule": "linear", "start": 0.0, "end": 0.1}}})
+  first = _first_step(c, str(tmp_path))
+  assert first["kernel/biper/tau"] == pytest.approx(0.1 * 3 / 7, rel=1e-5)  # step 3 of 0..7
+  assert first["regularizer"] > 0
+  assert set(first["grad_norms"]) == {"stem/conv", "unit1/conv", "unit2/conv", "head/fc"}
+  assert all(v > 0 for v in first["grad_norms"].values()) and first["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"fda.n_end": 18}, r"^config\.fda was removed; the FDA schedules live in its quantizer"),
+    ({"bnn_pp.beta_start": 2.0}, r"^config\.bnn_pp was removed; BNN\+\+'s beta"),
+    ({"regularizer_tau": 0.037}, r"^config\.regularizer_tau was removed; .*'tau': 0\.0468"),
+    ({"quantization.input_noise": {}}, r"^quantization\.input_noise was removed: FDA's noise"),
+])
+def test_removed_settings_get_one_line_saying_what_to_write(override, match, tmp_path):
+  c = tiny_config(**override)
+  with pytest.raises(ValueError, match=match) as e:
+    train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_old_config_file_stops_with_one_line(tmp_path):
+  """A config file written for the old layout, run from the command line."""
+  old = tmp_path / "old_fda.py"
+  old.write_text(
+      "from experiments.configs import tiny\n"
+      "def get_config():\n"
+      "  c = tiny.get_config()\n"
+      "  c.quantization.kernel_quantizer = {'name': 'fda', 'max_terms': 18}\n"
+      "  c.fda.n_start, c.fda.n_end = 9, 18\n"
+      "  return c\n")
+  wd = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-m", "experiments.cifar", f"--config={old}",
+                         f"--workdir={wd}"], capture_output=True, text=True, cwd=ROOT,
+                        timeout=300)
+  assert proc.returncode != 0
+  err = proc.stderr.strip().splitlines()
+  assert err[-1].startswith("error: config.fda was removed;"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not wd.exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -283,11 +359,11 @@ def test_every_recipe_config_is_valid(name):
 def test_biper_recipe_values():
   s1, s2 = recipes.biper("resnet20", "stage1"), recipes.biper("resnet20", "stage2")
   q1, q2 = s1.quantization.to_dict(), s2.quantization.to_dict()
-  assert q1["kernel_quantizer"] == {"name": "biper_sine", "omega0": 20.0}
-  assert q2["kernel_quantizer"] == {"name": "biper", "omega0": 20.0}
+  assert q1["kernel_quantizer"] == {"name": "biper_sine", "omega0": 20.0, "tau": 0.037}
+  assert q2["kernel_quantizer"] == {"name": "biper", "omega0": 20.0, "tau": 0.0468}
   assert q2["input_quantizer"] == {"name": "approx_sign"}
-  assert (s1.num_epochs, s1.optimizer.learning_rate, s1.regularizer_tau) == (600, 0.021, 0.037)
-  assert (s2.num_epochs, s2.optimizer.learning_rate, s2.regularizer_tau) == (300, 0.0037, 0.0468)
+  assert (s1.num_epochs, s1.optimizer.learning_rate) == (600, 0.021)
+  assert (s2.num_epochs, s2.optimizer.learning_rate) == (300, 0.0037)
   assert s2.init_from == recipes.stage_workdir("resnet20", "stage1")
   with pytest.raises(ValueError, match="stage='stage3' is not allowed"):
     recipes.biper("resnet20", "stage3")

@@ -31,13 +31,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       prefetch=2))          # batches in flight to the devices
 
   # Model and how it is binarized (see fda_biper_jax/layers.py); a quantizer is
-  # {'name': ..., **parameters} (fda_biper_jax/quantizers.py).
+  # {'name': ..., **parameters} (fda_biper_jax/methods/), a parameter a number or, where
+  # the method allows, a schedule {'schedule': 'geometric', 'start': 2, 'end': 200}.
   c.model = "resnet20"
   c.quantization = ml_collections.ConfigDict(dict(
       kernel_quantizer={"name": "identity"}, input_quantizer={"name": "identity"},
-      scaling="none",
-      prenorm=False, kernel_noise=None, input_noise=None))
+      scaling="none", prenorm=False))
   c.compute_dtype = "float32"  # or 'bfloat16' (float32 master weights)
+  c.bn_scale_init = 1.0      # initial BatchNorm scale (the BiPer ImageNet code: 1e-8)
 
   # Optimisation.
   c.num_epochs = 200
@@ -45,13 +46,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 0      # 0 = batch_size
   c.optimizer = ml_collections.ConfigDict(dict(
       name="sgd", learning_rate=0.1, momentum=0.9, nesterov=False, b1=0.9, b2=0.999,
-      weight_decay=1e-4, weight_decay_mask="all", warmup_epochs=0.0, decay="cosine"))
-
-  # Method schedules (fda_biper_jax/schedules.py).
-  c.fda = ml_collections.ConfigDict(dict(n_start=9, n_end=18, alpha_start=0.1))
-  c.bnn_pp = ml_collections.ConfigDict(dict(beta_start=1.0, beta_end=1.0))
-  c.regularizer_tau = 0.0    # BiPer's sin^2 weight regulariser
+      # weight_decay_mask: 'all', 'kernels' or 're:PATTERN' over parameter paths.
+      weight_decay=1e-4, weight_decay_mask="all", warmup_epochs=0.0,
+      decay="cosine"))       # 'cosine' (after the warm-up), 'constant' or 'one_cycle'
   c.init_from = ""           # a previous stage's workdir (two-stage recipes)
+
+  # Removed: method settings live in their quantizer's config now. Kept empty so that
+  # an old config that sets one stops with one line saying what to write instead.
+  c.fda = ml_collections.ConfigDict(dict(n_start=None, n_end=None, alpha_start=None))
+  c.bnn_pp = ml_collections.ConfigDict(dict(beta_start=None, beta_end=None))
+  c.regularizer_tau = None
 
   # Running.
   c.log_every_steps = 50

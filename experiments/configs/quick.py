@@ -2,16 +2,20 @@
 
   python -m experiments.cifar --config=experiments/configs/quick.py:biper --workdir=runs/quick_biper
 
-The argument picks the quantizer, with its method's own settings:
-identity (the full-precision twin), ste, approx_sign, sign_swish, fda, biper, bnn_pp.
-Adam at lr 1e-3 with cosine decay, batch 128, crop (pad 2) + flip.
-`python -m experiments.sweep` runs every quantizer with it and prints the table. Fashion-MNIST comes from
-tfds (or offline from Debian's dataset-fashion-mnist package; see README).
+The argument names any registered method (identity for the full-precision
+twin, ste, approx_sign, sign_swish, fda, biper, biper_sine, bnn_pp, ir_net,
+reste, rsign, or one a user registered), trained with its own quantization
+settings (`Method.usage`); 'NAME/VARIANT' picks one of its `variants` (e.g.
+bnn_pp/weights_only). Adam at lr 1e-3 with cosine decay, batch 128, crop
+(pad 2) + flip. `python -m experiments.sweep` runs every method with it and
+prints the table. Fashion-MNIST comes from tfds (or offline from Debian's
+dataset-fashion-mnist package; see README).
 """
 
 from experiments.configs import recipes
 
 
 def get_config(arg: str = "biper"):
-  (quantizer,) = recipes.parse(arg, {"quantizer": recipes.QUICK_QUANTIZERS}, "biper")
-  return recipes.quick(quantizer)
+  name, _, variant = (arg or "biper").partition("/")
+  (name,) = recipes.parse(name, {"quantizer": recipes.quick_methods()}, "biper")
+  return recipes.quick(name, variant=variant)

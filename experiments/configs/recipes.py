@@ -15,32 +15,66 @@ port), n growing 9 -> 18, noise adaptation modules whose weight alpha decays to
 0, mean|W| weight scaling; SGD lr 0.1, momentum 0.9, wd 1e-4, batch 128, 400
 epochs, cosine decay.
 
-ImageNet (methods notes): BiPer stage 1 200 epochs, SGD lr 0.1, batch 512, wd
-1e-4; stage 2 100 epochs at lr 0.01 (no stage-2 weight decay is given: stage
-1's is kept; tau, warm-up and omega0 are the CIFAR recipe's). FDA: Adam lr 1e-3,
+ImageNet, as the public BiPer ImageNet code (which differs from its CIFAR
+code): stage 1 200 epochs, SGD lr 0.1, batch 512; stage 2 100 epochs at lr
+0.01 with no warm-up; no sin^2 regulariser (it is commented out there);
+weight decay 1e-4 in both stages only on parameters named conv / fc (the
+binary and stem conv kernels, their learned scale alpha, the fc), not on
+BatchNorm nor the full-precision downsample conv
+(`optimizer.weight_decay_mask`); every BatchNorm scale starts at 1e-8
+(`bn_scale_init`). Each is a config field, so `--config.` overrides any of
+them. FDA: Adam lr 1e-3,
 wd 0 on ResNet-18 (the paper's Bi-Real + PReLU baseline; our resnet18 is the
 Bi-Real layout without PReLU), no epoch count given: 100 epochs, batch 256,
 cosine decay, here. Both stream imagenet2012 (tfds, manual download) at 224.
 """
 
 from experiments.configs.base import get_base_config
+from fda_biper_jax import methods
 
+OMEGA0 = 20.0
 BIPER_STAGES = {
     # stage: (kernel quantizer, epochs, lr, weight decay, tau)
     "stage1": ("biper_sine", 600, 0.021, 0.0016, 0.037),
     "stage2": ("biper", 300, 0.0037, 0.00016, 0.0468),
 }
 
-
 IMAGENET_BIPER_STAGES = {
-    # stage: (epochs, lr, weight decay); quantizers and tau as BIPER_STAGES
-    "stage1": (200, 0.1, 1e-4),
-    "stage2": (100, 0.01, 1e-4),
+    # stage: (epochs, lr, weight decay, warm-up epochs)
+    "stage1": (200, 0.1, 1e-4, 5.0),
+    "stage2": (100, 0.01, 1e-4, 0.0),
+}
+# The public BiPer ImageNet code decays parameters whose names contain conv or fc,
+# which excludes its BatchNorms and the full-precision downsample conv.
+IMAGENET_DECAY_MASK = "re:^(?!.*downsample/).*(conv|fc)/"
+IMAGENET_BN_SCALE_INIT = 1e-8
+
+FDA_QUANTIZER = {
+    "name": "fda", "omega": 0.1, "clip": 1.0,
+    "n_terms": {"schedule": "stepwise", "start": 9, "end": 18},
+    "noise": {"reduction": 64, "min_width": 4, "shortcut": "sin", "a": 0.1},
+    "alpha": {"schedule": "cosine", "start": 0.1, "end": 0.0},
 }
 
 
 def stage_workdir(model: str, stage: str) -> str:
   return f"runs/biper_{model}_{stage}"
+
+
+def usage(name: str, variant: str = "") -> dict:
+  """A registered method's own quantization settings (`Method.usage`, or a named
+  `Method.variants` entry), as a plain dict."""
+  method = methods.lookup(name)
+  if variant:
+    if variant not in method.variants:
+      raise ValueError(f"variant={variant!r} of {name!r} is not allowed; allowed: "
+                       f"{list(method.variants) or 'none'}")
+    u = method.variants[variant]
+  else:
+    u = method.usage
+  if u is None:
+    raise ValueError(f"method {name!r} declares no usage; set Method.usage to train it by name")
+  return {k: (dict(v) if isinstance(v, dict) else v) for k, v in u.items()}
 
 
 def biper(model: str, stage: str, dataset: str = "cifar10"):
@@ -49,14 +83,13 @@ def biper(model: str, stage: str, dataset: str = "cifar10"):
   kernel, epochs, lr, wd, tau = BIPER_STAGES[stage]
   c = get_base_config()
   c.model, c.dataset = model, dataset
-  c.quantization.kernel_quantizer = {"name": kernel, "omega0": 20.0}
+  c.quantization.kernel_quantizer = {"name": kernel, "omega0": OMEGA0, "tau": tau}
   c.quantization.input_quantizer = {"name": "approx_sign"}
   c.quantization.scaling = "learned"
   c.quantization.prenorm = True
   c.num_epochs, c.batch_size = epochs, 256
   c.optimizer.learning_rate, c.optimizer.weight_decay = lr, wd
   c.optimizer.warmup_epochs = 5.0
-  c.regularizer_tau = tau
   if stage == "stage2":
     c.init_from = stage_workdir(model, "stage1")
   return c
@@ -72,8 +105,11 @@ def imagenet(c):
 
 def biper_imagenet(model: str, stage: str):
   c = imagenet(biper(model, stage))
-  c.num_epochs, c.optimizer.learning_rate, c.optimizer.weight_decay = (
-      IMAGENET_BIPER_STAGES[stage])
+  (c.num_epochs, c.optimizer.learning_rate, c.optimizer.weight_decay,
+   c.optimizer.warmup_epochs) = IMAGENET_BIPER_STAGES[stage]
+  c.quantization.kernel_quantizer.tau = 0.0
+  c.optimizer.weight_decay_mask = IMAGENET_DECAY_MASK
+  c.bn_scale_init = IMAGENET_BN_SCALE_INIT
   c.batch_size = 512
   return c
 
@@ -88,26 +124,20 @@ def fda_imagenet(model: str):
 def fda(model: str, dataset: str = "cifar10"):
   c = get_base_config()
   c.model, c.dataset = model, dataset
-  fda_q = {"name": "fda", "omega": 0.1, "clip": 1.0}
-  c.quantization.kernel_quantizer = dict(fda_q)
-  c.quantization.input_quantizer = dict(fda_q)
+  c.quantization.kernel_quantizer = dict(FDA_QUANTIZER)
+  c.quantization.input_quantizer = dict(FDA_QUANTIZER)
   c.quantization.scaling = "mean_abs"
-  c.quantization.kernel_noise = {"reduction": 64, "min_width": 4, "shortcut": "sin", "a": 0.1}
-  c.quantization.input_noise = {"reduction": 64, "min_width": 4, "shortcut": "sin", "a": 0.1}
   c.num_epochs, c.batch_size = 400, 128
   c.optimizer.learning_rate, c.optimizer.weight_decay = 0.1, 1e-4
-  c.fda.n_start, c.fda.n_end, c.fda.alpha_start = 9, 18, 0.1
   return c
 
 
-def baseline(quantizer: str, model: str, dataset: str = "cifar10"):
-  """sign with a straight-through estimator on weights and activations, mean|W|
-  scaling; the FDA paper's SGD recipe (400 epochs at lr 0.1)."""
+def baseline(quantizer: str, model: str, dataset: str = "cifar10", variant: str = ""):
+  """A registered method with its own quantization settings (`usage`) on any
+  model, with the FDA paper's SGD recipe (400 epochs at lr 0.1, batch 128)."""
   c = get_base_config()
   c.model, c.dataset = model, dataset
-  c.quantization.kernel_quantizer = {"name": quantizer}
-  c.quantization.input_quantizer = {"name": quantizer}
-  c.quantization.scaling = "mean_abs"
+  c.quantization = usage(quantizer, variant)
   c.num_epochs, c.batch_size = 400, 128
   return c
 
@@ -132,24 +162,18 @@ def parse(arg: str, allowed: dict[str, tuple], default: str) -> list[str]:
   return parts
 
 
-QUICK_QUANTIZERS = ("identity", "ste", "approx_sign", "sign_swish", "fda", "biper", "bnn_pp")
+def quick_methods() -> tuple[str, ...]:
+  """Every registered method with a usage: what `quick` and the sweep train."""
+  return tuple(n for n in methods.names() if methods.lookup(n).usage is not None)
 
 
-def quick(quantizer: str, dataset: str = "fashion_mnist"):
-  """A few-minute CPU run of resnet20 (one epoch): each quantizer with its
-  method's own settings (BiPer single stage, FDA with noise modules, BNN++
-  annealed beta), Adam at 1e-3 with cosine decay."""
-  if quantizer == "biper":
-    c = biper("resnet20", "stage2", dataset)
-    c.init_from = ""
-  elif quantizer == "fda":
-    c = fda("resnet20", dataset)
-  elif quantizer == "identity":
-    c = full_precision("resnet20", dataset)
-  else:
-    c = baseline(quantizer, "resnet20", dataset)
-  if quantizer == "bnn_pp":
-    c.bnn_pp.beta_start, c.bnn_pp.beta_end = 2.0, 200.0
+def quick(quantizer: str, dataset: str = "fashion_mnist", variant: str = ""):
+  """A few-minute CPU run of resnet20 (one epoch): each method with its own
+  quantization settings (`Method.usage`: BiPer single stage with prenorm and
+  learned scale, FDA with noise modules, BNN++ annealed beta, ...), Adam at
+  1e-3 with cosine decay."""
+  c = full_precision("resnet20", dataset)
+  c.quantization = usage(quantizer, variant)
   c.num_epochs, c.batch_size = 1, 128
   c.optimizer.name, c.optimizer.learning_rate = "adam", 1e-3
   c.optimizer.weight_decay, c.optimizer.warmup_epochs = 0.0, 0.0

@@ -14,7 +14,7 @@ tiny_cnn        `tiny.TinyCNN`: tests and CPU smoke runs    -
 
 `create(name, num_classes, **quantization)` builds a model; the quantization
 keywords go to `layers.BinarySpec.create` (kernel_quantizer, input_quantizer,
-scaling, prenorm, kernel_noise, input_noise). A quantizer not given is
+scaling, prenorm). A quantizer not given is
 'identity', so `create(name, n)` is the full-precision twin: the same
 network, with the identity in place of each binarizer. The BiPer setting is
 
@@ -25,7 +25,7 @@ network, with the identity in place of each binarizer. The BiPer setting is
 equal model (every quantizer parameter included); `axis_name` is a property
 of where the model runs, not of the model, so it is passed to `from_config`.
 
-Every model is called as `model.apply(variables, x, train=..., schedule=...)`
+Every model is called as `model.apply(variables, x, train=...)`
 on NHWC float images and returns float32 logits [N, num_classes]; training
 needs `mutable=['batch_stats']` (plus 'losses' for quantizer regularisers,
 'intermediates' for the sown quantized kernels and inputs).
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fda_biper_jax.layers import BinarySpec
+from fda_biper_jax.layers import REMOVED, BinarySpec
 from fda_biper_jax.models.blocks import BinaryNet
 from fda_biper_jax.models.resnet_cifar import ResNet18CIFAR, ResNet20, ResNet20FDA
 from fda_biper_jax.models.resnet_imagenet import ResNet18, ResNet34
@@ -59,7 +59,7 @@ _MODELS: dict[str, type[BinaryNet]] = {
 
 NAMES: tuple[str, ...] = tuple(_MODELS)
 QUANTIZATION_KEYS: tuple[str, ...] = ("kernel_quantizer", "input_quantizer", "scaling",
-                                      "prenorm", "kernel_noise", "input_noise")
+                                      "prenorm")
 
 
 def _dtype(dtype) -> np.dtype | None:
@@ -75,7 +75,7 @@ def _dtype(dtype) -> np.dtype | None:
 
 
 def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = None,
-           **quantization) -> nn.Module:
+           bn_scale_init: float = 1.0, **quantization) -> nn.Module:
   """The model `name` with `num_classes` logits.
 
   Args:
@@ -85,6 +85,7 @@ def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = N
       mixed precision; parameters and logits stay float32).
     axis_name: the mapped axis BatchNorm averages its statistics over under
       shard_map / pmap; None on one device.
+    bn_scale_init: the initial scale of every BatchNorm (> 0; default 1).
     **quantization: keywords of `BinarySpec.create`; kernel_quantizer and
       input_quantizer default to 'identity' (the full-precision twin).
 
@@ -99,7 +100,10 @@ def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = N
     raise ValueError(f"num_classes={num_classes!r} is not allowed; it must be an integer >= 1")
   if axis_name is not None and not isinstance(axis_name, str):
     raise ValueError(f"axis_name={axis_name!r} is not allowed; a string or None")
-  bad = set(quantization) - set(QUANTIZATION_KEYS)
+  if not (isinstance(bn_scale_init, (int, float)) and not isinstance(bn_scale_init, bool)
+          and 0 < bn_scale_init < float("inf")):
+    raise ValueError(f"bn_scale_init={bn_scale_init!r} is not allowed; a finite number > 0")
+  bad = set(quantization) - set(QUANTIZATION_KEYS) - set(REMOVED)
   if bad:
     raise ValueError(f"create: unknown quantization keyword {sorted(bad)}; "
                      f"allowed: {list(QUANTIZATION_KEYS)}")
@@ -107,7 +111,7 @@ def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = N
   quantization.setdefault("input_quantizer", "identity")
   spec = BinarySpec.create(**quantization)
   return _MODELS[name](num_classes=int(num_classes), spec=spec, dtype=_dtype(dtype),
-                       axis_name=axis_name)
+                       axis_name=axis_name, bn_scale_init=float(bn_scale_init))
 
 
 def config(model: nn.Module) -> dict[str, Any]:
@@ -117,7 +121,7 @@ def config(model: nn.Module) -> dict[str, Any]:
     raise ValueError(f"config: {type(model).__name__} is not a model of the zoo {list(NAMES)}")
   return {"name": names[type(model)], "num_classes": model.num_classes,
           "dtype": None if model.dtype is None else jnp.dtype(model.dtype).name,
-          **model.spec.config()}
+          "bn_scale_init": model.bn_scale_init, **model.spec.config()}
 
 
 def from_config(cfg: Mapping[str, Any], *, axis_name: str | None = None) -> nn.Module:

@@ -29,7 +29,7 @@ bottom/right, which shifts the sampling grid relative to the reference models.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,6 @@ from flax import linen as nn
 from fda_biper_jax.layers import BinaryConv, BinaryDense, BinarySpec, default_kernel_init
 
 Array = jax.Array
-Schedule = Mapping[str, Any] | None
 
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1 for the new batch statistic
 BN_EPSILON = 1e-5
@@ -66,6 +65,7 @@ class Context:
   axis_name: str | None = None
   conv_init: Callable = default_kernel_init
   dense_init: Callable = default_kernel_init
+  bn_scale_init: float = 1.0
 
   def conv(self, features: int, kernel_size: int = 3, strides: int = 1, *,
            binary: bool = True, name: str | None = None) -> BinaryConv:
@@ -86,7 +86,13 @@ class Context:
     """BatchNorm over every axis but the last, statistics pmean'd over `axis_name`."""
     return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                         epsilon=BN_EPSILON, axis_name=self.axis_name, dtype=self.dtype,
-                        name=name)
+                        scale_init=nn.initializers.constant(self.bn_scale_init), name=name)
+
+  def binary_activation(self, x: Array, name: str = "act") -> Array:
+    """The activation after a binary layer: hardtanh, or the module the input
+    quantizer's method prescribes there (ReActNet's RPReLU)."""
+    module = self.spec.activation()
+    return hardtanh(x) if module is None else module(name=name)(x)
 
 
 class PReLU(nn.Module):
@@ -103,11 +109,11 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
 
 
-def _activate(kind: str | None, x: Array) -> Array:
+def _activate(kind: str | None, x: Array, ctx: Context | None = None) -> Array:
   if kind is None:
     return x
   if kind == "hardtanh":
-    return hardtanh(x)
+    return hardtanh(x) if ctx is None else ctx.binary_activation(x)
   if kind == "relu":
     return nn.relu(x)
   return PReLU(name="act")(x)
@@ -136,19 +142,20 @@ class ConvUnit(nn.Module):
   activation_first: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"ConvUnit: activation={self.activation!r} is not allowed; "
                        f"allowed: {list(ACTIVATIONS)}")
     y = self.ctx.conv(self.features, self.kernel_size, self.strides, binary=self.binary,
-                      name="conv")(x, train=train, schedule=schedule)
+                      name="conv")(x, train=train)
     if self.pool:
       y = nn.max_pool(y, (2, 2), strides=(2, 2))
+    ctx = self.ctx if self.binary else None
     if self.activation_first:
-      y = _activate(self.activation, y)
+      y = _activate(self.activation, y, ctx)
     y = self.ctx.batch_norm(train, name="bn")(y)
     if not self.activation_first:
-      y = _activate(self.activation, y)
+      y = _activate(self.activation, y, ctx)
     return y
 
 
@@ -204,19 +211,19 @@ class BiRealUnit(nn.Module):
   downsample: str = "option_a"
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     if self.downsample not in DOWNSAMPLES:
       raise ValueError(f"BiRealUnit: downsample={self.downsample!r} is not allowed; "
                        f"allowed: {list(DOWNSAMPLES)}")
     y = ConvUnit(self.ctx, self.features, strides=self.strides, activation=None,
-                 name="main")(x, train, schedule)
+                 name="main")(x, train)
     reshape = self.strides != 1 or x.shape[-1] != self.features
     if reshape and self.downsample == "conv":
       shortcut = ConvUnit(self.ctx, self.features, kernel_size=1, strides=self.strides,
-                          binary=False, activation=None, name="downsample")(x, train, schedule)
+                          binary=False, activation=None, name="downsample")(x, train)
     else:
       shortcut = option_a_shortcut(x, self.features, self.strides)
-    return hardtanh(y + shortcut)
+    return self.ctx.binary_activation(y + shortcut)
 
 
 class BiRealBlock(nn.Module):
@@ -227,11 +234,11 @@ class BiRealBlock(nn.Module):
   downsample: str = "option_a"
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     x = BiRealUnit(self.ctx, self.features, self.strides, self.downsample,
-                   name="unit1")(x, train, schedule)
+                   name="unit1")(x, train)
     return BiRealUnit(self.ctx, self.features, 1, self.downsample,
-                      name="unit2")(x, train, schedule)
+                      name="unit2")(x, train)
 
 
 def stage_plan(widths, blocks_per_stage, strides=(1, 2, 2, 2)):
@@ -252,7 +259,7 @@ class Head(nn.Module):
   norm: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     if self.pool == "avg":
       x = jnp.mean(x, axis=(1, 2))
     elif self.pool == "flatten":
@@ -261,7 +268,7 @@ class Head(nn.Module):
       raise ValueError(f"Head: pool={self.pool!r} is not allowed; allowed: ['avg', 'flatten']")
     if self.norm:
       x = self.ctx.batch_norm(train, name="bn")(x)
-    logits = self.ctx.classifier(self.num_classes, name="fc")(x, train=train, schedule=schedule)
+    logits = self.ctx.classifier(self.num_classes, name="fc")(x, train=train)
     return logits.astype(jnp.float32)
 
 
@@ -276,11 +283,14 @@ class BinaryNet(nn.Module):
       logits are float32.
     axis_name: the mapped axis over which BatchNorm statistics are averaged
       (data parallelism under shard_map / pmap); None on one device.
+    bn_scale_init: the initial scale of every BatchNorm (1; the public BiPer
+      ImageNet code starts them at 1e-8).
   """
   num_classes: int
   spec: BinarySpec = BinarySpec()
   dtype: Any = None
   axis_name: str | None = None
+  bn_scale_init: float = 1.0
 
   # Initialisers of the reference code; subclasses override.
   conv_init = staticmethod(kaiming_normal)
@@ -288,4 +298,5 @@ class BinaryNet(nn.Module):
 
   @property
   def ctx(self) -> Context:
-    return Context(self.spec, self.dtype, self.axis_name, self.conv_init, self.dense_init)
+    return Context(self.spec, self.dtype, self.axis_name, self.conv_init, self.dense_init,
+                   self.bn_scale_init)

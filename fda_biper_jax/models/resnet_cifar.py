@@ -18,7 +18,7 @@ from flax import linen as nn
 
 from fda_biper_jax.layers import default_kernel_init
 from fda_biper_jax.models.blocks import (BinaryNet, BiRealBlock, ConvUnit, Context, Head,
-                                         Schedule, hardtanh, option_a_shortcut, stage_plan)
+                                         option_a_shortcut, stage_plan)
 
 Array = jax.Array
 
@@ -34,10 +34,10 @@ class BasicBlock(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
-    y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1")(x, train, schedule)
-    y = ConvUnit(self.ctx, self.features, activation=None, name="unit2")(y, train, schedule)
-    return hardtanh(y + option_a_shortcut(x, self.features, self.strides))
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1")(x, train)
+    y = ConvUnit(self.ctx, self.features, activation=None, name="unit2")(y, train)
+    return self.ctx.binary_activation(y + option_a_shortcut(x, self.features, self.strides))
 
 
 class ResNet18CIFAR(BinaryNet):
@@ -49,12 +49,12 @@ class ResNet18CIFAR(BinaryNet):
   """
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     ctx = self.ctx
-    x = ConvUnit(ctx, 64, binary=False, activation=None, name="stem")(x, train, schedule)
+    x = ConvUnit(ctx, 64, binary=False, activation=None, name="stem")(x, train)
     for i, (width, stride) in enumerate(stage_plan((64, 128, 256, 512), (2, 2, 2, 2))):
-      x = BasicBlock(ctx, width, stride, name=f"block{i}")(x, train, schedule)
-    return Head(ctx, self.num_classes, name="head")(x, train, schedule)
+      x = BasicBlock(ctx, width, stride, name=f"block{i}")(x, train)
+    return Head(ctx, self.num_classes, name="head")(x, train)
 
 
 class ResNet20(BinaryNet):
@@ -67,12 +67,12 @@ class ResNet20(BinaryNet):
   """
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     ctx = self.ctx
-    x = ConvUnit(ctx, 16, binary=False, name="stem")(x, train, schedule)
+    x = ConvUnit(ctx, 16, binary=False, name="stem")(x, train)
     for i, (width, stride) in enumerate(stage_plan((16, 32, 64), (3, 3, 3))):
-      x = BiRealBlock(ctx, width, stride, "option_a", name=f"block{i}")(x, train, schedule)
-    return Head(ctx, self.num_classes, name="head")(x, train, schedule)
+      x = BiRealBlock(ctx, width, stride, "option_a", name=f"block{i}")(x, train)
+    return Head(ctx, self.num_classes, name="head")(x, train)
 
 
 class FDABlock(nn.Module):
@@ -86,11 +86,11 @@ class FDABlock(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     unit = dict(activation="prelu", activation_first=True)
     y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1", **unit)(
-        x, train, schedule)
-    y = ConvUnit(self.ctx, self.features, name="unit2", **unit)(y, train, schedule)
+        x, train)
+    y = ConvUnit(self.ctx, self.features, name="unit2", **unit)(y, train)
     return y + option_a_shortcut(x, self.features, self.strides, pool="subsample")
 
 
@@ -111,9 +111,9 @@ class ResNet20FDA(BinaryNet):
   conv_init = staticmethod(default_kernel_init)
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     ctx = self.ctx
-    x = ConvUnit(ctx, 16, binary=False, activation=None, name="stem")(x, train, schedule)
+    x = ConvUnit(ctx, 16, binary=False, activation=None, name="stem")(x, train)
     for i, (width, stride) in enumerate(stage_plan((16, 32, 64), (3, 3, 3))):
-      x = FDABlock(ctx, width, stride, name=f"block{i}")(x, train, schedule)
-    return Head(ctx, self.num_classes, norm=False, name="head")(nn.relu(x), train, schedule)
+      x = FDABlock(ctx, width, stride, name=f"block{i}")(x, train)
+    return Head(ctx, self.num_classes, norm=False, name="head")(nn.relu(x), train)

@@ -26,7 +26,7 @@ from typing import ClassVar
 import jax
 from flax import linen as nn
 
-from fda_biper_jax.models.blocks import BinaryNet, BiRealBlock, ConvUnit, Head, Schedule, stage_plan
+from fda_biper_jax.models.blocks import BinaryNet, BiRealBlock, ConvUnit, Head, stage_plan
 
 Array = jax.Array
 
@@ -36,14 +36,14 @@ class ResNetImageNet(BinaryNet):
   stage_sizes: ClassVar[tuple[int, ...]] = ()
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     ctx = self.ctx
     x = ConvUnit(ctx, 64, kernel_size=7, strides=2, binary=False, name="stem")(
-        x, train, schedule)
+        x, train)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, (width, stride) in enumerate(stage_plan((64, 128, 256, 512), self.stage_sizes)):
-      x = BiRealBlock(ctx, width, stride, "conv", name=f"block{i}")(x, train, schedule)
-    return Head(ctx, self.num_classes, name="head")(x, train, schedule)
+      x = BiRealBlock(ctx, width, stride, "conv", name=f"block{i}")(x, train)
+    return Head(ctx, self.num_classes, name="head")(x, train)
 
 
 class ResNet18(ResNetImageNet):

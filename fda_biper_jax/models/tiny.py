@@ -12,16 +12,16 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from fda_biper_jax.models.blocks import BinaryNet, ConvUnit, Head, Schedule
+from fda_biper_jax.models.blocks import BinaryNet, ConvUnit, Head
 
 
 class TinyCNN(BinaryNet):
   """stem (float) -> 2 binary conv units -> head (float)."""
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, schedule: Schedule = None) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     ctx = self.ctx
-    x = ConvUnit(ctx, 16, binary=False, name="stem")(x, train, schedule)
-    x = ConvUnit(ctx, 32, strides=2, name="unit1")(x, train, schedule)
-    x = ConvUnit(ctx, 64, strides=2, name="unit2")(x, train, schedule)
-    return Head(ctx, self.num_classes, name="head")(x, train, schedule)
+    x = ConvUnit(ctx, 16, binary=False, name="stem")(x, train)
+    x = ConvUnit(ctx, 32, strides=2, name="unit1")(x, train)
+    x = ConvUnit(ctx, 64, strides=2, name="unit2")(x, train)
+    return Head(ctx, self.num_classes, name="head")(x, train)

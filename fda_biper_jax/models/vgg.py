@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from fda_biper_jax.models.blocks import BinaryNet, ConvUnit, Head, Schedule
+from fda_biper_jax.models.blocks import BinaryNet, ConvUnit, Head
 
 Array = jax.Array
 
@@ -37,10 +37,10 @@ class VGGSmall(BinaryNet):
   dense_init = staticmethod(nn.initializers.normal(0.01))
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False, schedule: Schedule = None) -> Array:
+  def __call__(self, x: Array, train: bool = False) -> Array:
     ctx = self.ctx
-    x = ConvUnit(ctx, 128, binary=False, name="stem")(x, train, schedule)
+    x = ConvUnit(ctx, 128, binary=False, name="stem")(x, train)
     for i, (width, pool) in enumerate(BINARY_CONVS, start=1):
-      x = ConvUnit(ctx, width, pool=pool, name=f"conv{i}")(x, train, schedule)
+      x = ConvUnit(ctx, width, pool=pool, name=f"conv{i}")(x, train)
     return Head(ctx, self.num_classes, pool="flatten", norm=False, name="head")(
-        x, train, schedule)
+        x, train)

@@ -1,0 +1,169 @@
+"""Numerics written for XLA:CPU's compiler; values identical to the plain forms.
+
+Two rules of XLA:CPU decide how the training step's elementwise work is
+written (measurements in benchmarks/NOTES.md):
+
+1. `jnp.sin` and `jnp.cos` lower to a scalar libm call per element, about ten
+   times a vectorised multiply-add (`exp` and `tanh` are vectorised
+   polynomials). `vsin` / `vcos` are polynomial sines from multiplies and adds
+   after an exact Cody-Waite reduction, so XLA vectorises them.
+2. A cheap elementwise value (add, multiply, clamp, select, ...) is recomputed
+   inside every consumer fusion that can take it, rather than stored once;
+   "expensive" operations (divide, exp, ...) are computed once. `materialize`
+   stores a value once by ending it with an exact division by one.
+
+Both are exact or accurate to a few ulp, and cost nothing on other backends:
+`materialize` is the identity there; `vsin` is used everywhere (its float64
+path is `jnp.sin`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# pi = PI_A + PI_B + PI_C with few significant bits in the first two parts, so k * PI_A and
+# k * PI_B (8 and 9 significant bits) are exact in float32 for |k| < 2^15, and so are the
+# two subtractions (Sterbenz).
+PI_A = 3.140625
+PI_B = 0.0009670257568359375
+PI_C = math.pi - PI_A - PI_B
+
+# Minimax-fitted (relative error, then rounded to float32) on |r| <= pi/2:
+# sin r = r (1 + r^2 (S1 + r^2 (S2 + ...))): 5.3e-9 relative in exact arithmetic, at most
+# 2.6 ulp when evaluated in float32; cos r = 1 + r^2 (C1 + ...): 1.5e-7 absolute in float32.
+SIN_COEFFS = (-0.16666656732559204, 0.008333025500178337, -0.00019807417993433774,
+              2.6019026790891076e-06)
+COS_COEFFS = (-0.4999999701976776, 0.04166660085320473, -0.0013887989334762096,
+              2.4744034817558713e-05, -2.5803961989367963e-07)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+  """float16/bfloat16 -> float32; float32/float64 unchanged."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def reduce_pi(t: Array) -> tuple[Array, Array]:
+  """(k, r): t = k pi + r with k integral and r in [-pi/2, pi/2] (Cody-Waite, exact r
+  for |k| < 2^15 in float32)."""
+  k = jnp.round(t * (1.0 / math.pi))
+  return k, ((t - k * PI_A) - k * PI_B) - k * PI_C
+
+
+def parity(k: Array) -> Array:
+  """(-1)^k for integral float k: two multiply-adds and a floor, no remainder."""
+  return 1.0 - 2.0 * (k - 2.0 * jnp.floor(0.5 * k))
+
+
+def horner(u: Array, coeffs) -> Array:
+  acc = coeffs[-1]
+  for c in coeffs[-2::-1]:
+    acc = acc * u + c
+  return acc
+
+
+def sin_reduced(r: Array) -> Array:
+  """sin r for |r| <= pi/2: an odd polynomial, so exactly 0 at r = 0 and of r's sign."""
+  if r.dtype == jnp.float64:
+    return jnp.sin(r)
+  u = r * r
+  return r + r * (u * horner(u, SIN_COEFFS))
+
+
+def cos_reduced(r: Array) -> Array:
+  if r.dtype == jnp.float64:
+    return jnp.cos(r)
+  u = r * r
+  return 1.0 + u * horner(u, COS_COEFFS)
+
+
+def polynomial_or_exact(polynomial, exact, x: Array) -> Array:
+  """polynomial(x) in float32 (16-bit inputs computed in float32, cast back);
+  exact(x) for float64, where the polynomial is not accurate enough."""
+  x = jnp.asarray(x)
+  if x.dtype == jnp.float64:
+    return exact(x)
+  return polynomial(x.astype(compute_dtype(x.dtype))).astype(x.dtype)
+
+
+def _vsin_poly(x: Array) -> Array:
+  k, r = reduce_pi(x)
+  return parity(k) * sin_reduced(r)
+
+
+def _vcos_poly(x: Array) -> Array:
+  k, r = reduce_pi(x)
+  return parity(k) * cos_reduced(r)
+
+
+@jax.custom_jvp
+def vsin(x: Array) -> Array:
+  """sin(x) from multiplies and adds only, so XLA vectorises it; derivative `vcos`.
+
+  x is reduced to r = x - k pi in [-pi/2, pi/2] (exact for |x| < 2^15 pi,
+  about 1e5; wrong beyond about 1e6, so not for arbitrary arguments) and a
+  degree-9 odd polynomial is evaluated: within 3 ulp of the float64 sine of
+  the float32 argument there, exactly 0 at x = 0, and odd. Computed in
+  float32 for 16-bit inputs (then cast back) and with `jnp.sin` in float64.
+  A product fed to it (omega x) may be contracted by XLA into the
+  reduction's first multiply-add, so its value can differ by the rounding of
+  that product between two compilations.
+  """
+  return polynomial_or_exact(_vsin_poly, jnp.sin, x)
+
+
+@vsin.defjvp
+def _vsin_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return vsin(x), vcos(x) * dx
+
+
+@jax.custom_jvp
+def vcos(x: Array) -> Array:
+  """cos(x) as `vsin` (an even degree-10 polynomial after the same reduction, within
+  1.5e-7 of the float64 cosine for |x| < 2^15 pi); derivative -vsin."""
+  return polynomial_or_exact(_vcos_poly, jnp.cos, x)
+
+
+@vcos.defjvp
+def _vcos_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  return vcos(x), -vsin(x) * dx
+
+
+@jax.custom_vjp
+def _materialized(x: Array) -> Array:
+  one = jnp.maximum(jnp.abs(jnp.sign(x)), 1).astype(x.dtype)  # 1 (nan for nan), not a constant
+  return x / one
+
+
+def _materialized_fwd(x):
+  return _materialized(x), None
+
+
+def _materialized_bwd(_, g):
+  return (g,)
+
+
+_materialized.defvjp(_materialized_fwd, _materialized_bwd)
+
+
+def materialize(x: Array) -> Array:
+  """x, exactly, computed once into its own buffer on XLA:CPU; identity gradient.
+
+  Rule 2 of the module docstring: in a Bi-Real ResNet each binary layer's
+  input is hardtanh(BN(conv) + shortcut), the shortcut being the previous
+  such input, so without this every consumer (the conv, and the transposed
+  copies that lay the input out for the weight-gradient convolution)
+  recomputes the whole chain of BatchNorms back to the stage's first layer.
+  Dividing by a one XLA cannot fold, max(|sign(x)|, 1), is exact
+  (x / 1 = x for every float, -0, inf and nan included) and makes x a divide,
+  computed once. On other backends x is returned as is.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  return _materialized(x)
