@@ -53,7 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import run_and_report
-from fda_biper_jax import export, inference, layers, models, summary
+from fda_biper_jax import layers, models, summary
+from fda_biper_jax.deploy import export, inference
 
 DEFAULT_MODELS = ("resnet20", "resnet20_fda", "resnet18_cifar", "vgg_small")
 DEFAULT_BATCH_SIZES = (1, 256)

@@ -6,7 +6,7 @@
       [--warmup_batches 2] [--target 5000] [--data_dir DIR]
       [--json runs/benchmarks/input_pipeline.json]
 
-A `synthetic_jpeg` dataset (`fda_biper_jax.datasets.synthetic_jpeg`) of ImageNet-like
+A `synthetic_jpeg` dataset (`fda_biper_jax.data.datasets.synthetic_jpeg`) of ImageNet-like
 JPEGs (heights uniform in --height, widths in --width: about 350 x 400 px and 90 KB per
 file on average by default, near a typical ImageNet image) is prepared in --data_dir (default
 a temporary folder, deleted afterwards; a given one is kept and reused). Then, for the
@@ -66,7 +66,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from benchmarks import run_and_report
-from fda_biper_jax import streaming, summary
+from fda_biper_jax import summary
+from fda_biper_jax.data import streaming
 
 DEFAULT_TARGET = 5000.0  # images/s one H100 step may consume (estimate, see the docstring)
 
@@ -91,7 +92,7 @@ def _cpu_model() -> str:
 
 def prepare(name: str, data_dir: str) -> dict[str, Any]:
   """Builds the synthetic dataset (unless there) and describes its JPEGs."""
-  tfds = streaming._import_tfds()
+  tfds = streaming.import_tfds()
   import tensorflow as tf  # noqa: PLC0415
 
   start = time.perf_counter()
@@ -159,7 +160,7 @@ def run(*, num_images: int = 2000, num_eval_images: int = 500,
         warmup_batches: int = 2, target: float = DEFAULT_TARGET, data_dir: str | None = None,
         command: str = "") -> dict[str, Any]:
   """Prepares the dataset and times both pipelines in each dtype; returns the results."""
-  from fda_biper_jax.datasets import synthetic_jpeg  # noqa: PLC0415  (imports tfds)
+  from fda_biper_jax.data.datasets import synthetic_jpeg  # noqa: PLC0415  (imports tfds)
   import tensorflow as tf  # noqa: PLC0415
 
   name = synthetic_jpeg.dataset_name(num_images, num_eval_images, tuple(height), tuple(width))

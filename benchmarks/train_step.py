@@ -203,7 +203,7 @@ import numpy as np
 
 from experiments.configs import recipes
 from benchmarks import run_and_report
-from fda_biper_jax import inputs
+from fda_biper_jax.data import inputs
 from fda_biper_jax import models, parallel, summary, trace, train
 
 REFERENCE = "identity"

@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 from matplotlib import cm, colors  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from fda_biper_jax import analysis, methods, schedules  # noqa: E402
+from fda_biper_jax import analysis, methods  # noqa: E402
+from fda_biper_jax.methods import schedule
 from fda_biper_jax.methods.fda import fda_series_derivative  # noqa: E402
 
 PROG = "python -m experiments.analysis"
@@ -83,7 +84,7 @@ def plot_qe() -> Figure:
 
 def _params_text(q: methods.Quantizer) -> str:
   def text(v):
-    if isinstance(v, schedules.Schedule):
+    if isinstance(v, schedule.Schedule):
       return f"{v.shape} {v.start:g}->{v.end:g} at mid-training"
     return f"{v:g}" if isinstance(v, float) else str(v)
   return ", ".join(f"{k}={text(v)}" for k, v in q.kwargs.items()
@@ -99,7 +100,7 @@ def plot_quantizers(x_max: float = 1.5) -> Figure:
   x = jnp.linspace(-x_max, x_max, 2001)
   for (ax_f, ax_b), name in zip(axes, names):
     q = methods.get(name)
-    with schedules.training_step(50, 101, 10):  # halfway: epoch 5 of 10
+    with schedule.training_step(50, 101, 10):  # halfway: epoch 5 of 10
       forward = q(x)
       backward = jax.grad(lambda t, q=q: jnp.sum(q(t)))(x)  # elementwise: d q(x_i) / d x_i
     params = _params_text(q)

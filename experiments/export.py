@@ -3,29 +3,51 @@
   python -m experiments.export --workdir runs/biper_resnet20_stage2 --out resnet20.fbj \
       [--which latest|best]
 
-The logic and the file format live in `fda_biper_jax.export`; this file only
-parses flags. The model is rebuilt from the configuration saved with the
-checkpoint; the file is read back (validated) before the report is printed.
+The run restores without its optimizer (`fda_biper_jax.train.runs.restore`:
+the model rebuilt from the configuration saved with the checkpoint);
+`fda_biper_jax.deploy.export` packs it; the file is read back and checked
+against its model (`deploy.inference.load`) before the report is printed.
 """
 
+import os
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 
-from fda_biper_jax import export
+from fda_biper_jax.deploy import export, inference, packed
+from fda_biper_jax.train import runs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The training run's workdir (holds checkpoints/).")
 flags.DEFINE_string("out", None, "The file to write.")
-flags.DEFINE_enum("which", "latest", list(export.WHICH), "The latest or the best checkpoint.")
+flags.DEFINE_enum("which", "latest", list(runs.WHICH), "The latest or the best checkpoint.")
 flags.mark_flags_as_required(["workdir", "out"])
+
+
+def export_run(workdir: str, out: str, which: str = "latest") -> dict[str, Any]:
+  """Exports a run's latest (or best) checkpoint to the file `out`; returns a report:
+  the model name, step, the file's bytes against the model's float32 parameter bytes
+  and the orbax step folder's bytes, the packed layers and folded BatchNorms."""
+  run = runs.restore(workdir, which)
+  network = export.export(run.model, run.variables, run.input_shape)
+  packed.save(network, out)
+  inference.load(out)
+  folder = os.path.join(workdir, "best" if which == "best" else "checkpoints", str(run.step))
+  folder_bytes = sum(os.path.getsize(os.path.join(d, f))
+                     for d, _, files in os.walk(folder) for f in files)
+  entries = network.header["layers"]
+  return {"model": network.header["model"]["name"], "step": run.step, "which": which,
+          "out": out, **network.sizes(), "checkpoint_bytes": folder_bytes,
+          "packed_layers": len(entries),
+          "folded_batch_norms": sum(e["folded_bn"] is not None for e in entries.values())}
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
-    r = export.export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.which)
+    r = export_run(FLAGS.workdir, FLAGS.out, FLAGS.which)
   except ValueError as e:
     sys.exit(f"error: {e}")
   print(f"exported {r['model']} ({r['which']} checkpoint, step {r['step']}) to {r['out']}: "

@@ -63,7 +63,9 @@ import optax
 from flax import linen as nn
 from scipy import optimize
 
-from fda_biper_jax import layers, methods, schedules, trace
+from fda_biper_jax import methods, trace
+from fda_biper_jax.nn import linen as layers
+from fda_biper_jax.methods import schedule
 from fda_biper_jax.methods.biper import check_scale, laplace_sin_moments  # noqa: F401
 from fda_biper_jax.methods.biper import quantization_error as biper_quantization_error
 
@@ -385,7 +387,7 @@ def gradient_mismatch(model: nn.Module, variables, batch, quantizer=None,
     batch: (images [N, H, W, C] float, already normalised; labels [N] int).
     quantizer: the kernel quantizer compared (None: the model's own).
     reference: the kernel quantizer of the reference gradient.
-    progress: the training step (`schedules.Progress`) at which scheduled
+    progress: the training step (`schedule.Progress`) at which scheduled
       method parameters are evaluated; needed when the quantizers have any.
   """
   spec = getattr(model, "spec", None)
@@ -409,7 +411,7 @@ def gradient_mismatch(model: nn.Module, variables, batch, quantizer=None,
     def bound(params):
       if progress is None:
         return jax.grad(loss)(params)
-      with schedules.training_step(progress.step, progress.total_steps,
+      with schedule.training_step(progress.step, progress.total_steps,
                                    progress.steps_per_epoch):
         return jax.grad(loss)(params)
 

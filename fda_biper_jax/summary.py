@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fda_biper_jax import layers, methods, trace
+from fda_biper_jax import methods, trace
+from fda_biper_jax.nn import linen as layers
 
 MB = 2 ** 20
 KB = 2 ** 10
@@ -66,7 +67,6 @@ IMAGENET_MODELS = ("resnet18", "resnet34")
 CIFAR_SHAPE = (32, 32, 3)
 IMAGENET_SHAPE = (224, 224, 3)
 
-_BINARY_LAYERS = (layers.BinaryConv, layers.BinaryDense)
 _FLOAT_MAC_LAYERS = (nn.Conv, nn.Dense)
 
 
@@ -233,8 +233,9 @@ def summarize(model: nn.Module, input_shape: Sequence[int], *, dtype=jnp.float32
   # MAC layers, in call order.
   for c in calls:
     m = c.module
-    if isinstance(m, _BINARY_LAYERS):
-      qk, qi = layers.resolve(m.kernel_quantizer), layers.resolve(m.input_quantizer)
+    settings = trace.settings(m)
+    if settings is not None:
+      qk, qi = settings.kernel_quantizer, settings.input_quantizer
     elif isinstance(m, _FLOAT_MAC_LAYERS):
       qk = qi = None
     else:

@@ -7,11 +7,13 @@ every module call in order: its '/'-joined path, the module, the input and
 output shapes. Summaries, the analysis, the trainer's logs and the exporter
 read a model through it.
 
-`binary_layers` keeps the layers whose kernel is binarized and
-`is_binary(module)` is the one answer to "is this layer binary": a
-`BinaryConv` / `BinaryDense` whose kernel quantizer's deployed form takes
-exactly two values. `quantizers` lists the distinct quantizers a model
-holds, labelled '{role}/{name}', for logging their scheduled values.
+`settings(module)` is a layer's effective quantization (its quantizers
+after its `full_precision` rule; None for any other module) and
+`is_binary(module)` the one answer to "is this layer binary": a binary layer
+whose kernel quantizer's deployed form takes exactly two values. Both need a
+bound module, as the tracer records. `binary_layers` keeps the binary
+layers; `quantizers` lists the distinct quantizers a model holds, labelled
+'{role}/{name}', for logging their scheduled values.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fda_biper_jax import layers, methods
+from fda_biper_jax import methods
+from fda_biper_jax.nn import linen as layers
 
-LAYER_TYPES = (layers.BinaryConv, layers.BinaryDense)
+LAYER_TYPES = (layers.BinaryLayer,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +91,16 @@ def calls(model: nn.Module, input_shape: Sequence[int], *, variables=None, batch
   return found, out
 
 
+def settings(module) -> layers.Settings | None:
+  """A (bound) binary layer's effective quantization; None for other modules."""
+  return module.settings() if isinstance(module, LAYER_TYPES) else None
+
+
 def is_binary(module) -> bool:
-  """Whether a module is a binary layer: a BinaryConv / BinaryDense whose kernel
-  quantizer deploys to exactly two values."""
-  if not isinstance(module, LAYER_TYPES) or module.kernel_quantizer is None:
-    return False
-  return layers.resolve(module.kernel_quantizer).is_binary
+  """Whether a (bound) module is a binary layer: a BinaryConv / BinaryDense whose
+  effective kernel quantizer deploys to exactly two values."""
+  s = settings(module)
+  return s is not None and s.binary
 
 
 def binary_layers(model: nn.Module, input_shape: Sequence[int], *, analysis: bool = False
@@ -115,9 +122,10 @@ def binary_layers(model: nn.Module, input_shape: Sequence[int], *, analysis: boo
 def kernel_binarizer(module) -> methods.Quantizer | None:
   """The binarizer the analysis studies for a layer's kernel (None: not binarized):
   the kernel quantizer's method's `binary_view`."""
-  if not isinstance(module, LAYER_TYPES) or module.kernel_quantizer is None:
+  s = settings(module)
+  q = None if s is None else s.kernel_quantizer
+  if q is None:
     return None
-  q = layers.resolve(module.kernel_quantizer)
   if not isinstance(q, methods.Quantizer):
     return q if q.is_binary else None
   return q.method.binary_view(q)
@@ -131,10 +139,11 @@ def quantizers(model: nn.Module, input_shape: Sequence[int]) -> dict[str, Any]:
   """
   out: dict[str, Any] = {}
   for c in calls(model, input_shape)[0]:
-    if not isinstance(c.module, LAYER_TYPES):
+    s = settings(c.module)
+    if s is None:
       continue
     for role in ("kernel", "input"):
-      q = layers.resolve(getattr(c.module, f"{role}_quantizer"))
+      q = getattr(s, f"{role}_quantizer")
       if q is None:
         continue
       label = f"{role}/{q.name}"

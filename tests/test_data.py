@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from fda_biper_jax import data
-from fda_biper_jax.datasets import idx, sources
+from fda_biper_jax.data import memory
+from fda_biper_jax.data.datasets import idx, sources
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -49,7 +50,7 @@ def tiny_fashion(tmp_path, monkeypatch):
 
   Image i carries its index in pixel (0, 0) (and its label in pixel (0, 1)), so
   shards can be identified exactly."""
-  from fda_biper_jax.datasets import fashion_mnist_local as fml
+  from fda_biper_jax.data.datasets import fashion_mnist_local as fml
 
   manual = tmp_path / "manual"
   manual.mkdir()
@@ -176,7 +177,7 @@ def test_fashion_mnist_local_builder_reads_debian_layout(tiny_fashion):
 
 
 def test_fashion_mnist_local_builder_has_official_features():
-  from fda_biper_jax.datasets import fashion_mnist_local as fml
+  from fda_biper_jax.data.datasets import fashion_mnist_local as fml
 
   official = tfds.builder("fashion_mnist").info
   local = fml.FashionMnistLocal(data_dir="/tmp/non-existing-tfds-dir").info
@@ -239,7 +240,7 @@ def test_fashion_mnist_missing_or_broken_files_are_rejected(tiny_fashion):
 
 def test_real_digests_reject_other_content(tmp_path):
   """With the real (hard-coded) digests, a right-shaped but different file fails."""
-  from fda_biper_jax.datasets import fashion_mnist_local as fml
+  from fda_biper_jax.data.datasets import fashion_mnist_local as fml
 
   spec = fml.FILES["test"][1]
   assert spec.shape == (10000,) and len(spec.sha256) == 64
@@ -256,8 +257,8 @@ def test_real_digests_reject_other_content(tmp_path):
 
 
 def test_missing_data_without_network_fails_fast(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_resolves", lambda host, timeout=5.0: False)
-  for var in data._PROXY_VARS:
+  monkeypatch.setattr(memory, "_resolves", lambda host, timeout=5.0: False)
+  for var in memory.PROXY_VARS:
     monkeypatch.delenv(var, raising=False)
   start = time.monotonic()
   with pytest.raises(ValueError) as excinfo:
@@ -279,8 +280,8 @@ def test_source_table_matches_tfds(name):
 def test_check_obtainable_without_tfds(tmp_path, monkeypatch):
   """The pre-import check: fails offline with nothing on disk, passes otherwise."""
   monkeypatch.delitem(sys.modules, "tensorflow_datasets")  # as in a fresh process
-  monkeypatch.setattr(data, "_resolves", lambda host, timeout=5.0: False)
-  for var in data._PROXY_VARS:
+  monkeypatch.setattr(memory, "_resolves", lambda host, timeout=5.0: False)
+  for var in memory.PROXY_VARS:
     monkeypatch.delenv(var, raising=False)
   empty, manual = tmp_path / "data", tmp_path / "manual"
   manual.mkdir()
@@ -303,7 +304,7 @@ def test_check_obtainable_without_tfds(tmp_path, monkeypatch):
   monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
   data.check_obtainable("cifar100", **kw)
   monkeypatch.delenv("HTTPS_PROXY")
-  monkeypatch.setattr(data, "_resolves", lambda host, timeout=5.0: host == "www.cs.toronto.edu")
+  monkeypatch.setattr(memory, "_resolves", lambda host, timeout=5.0: host == "www.cs.toronto.edu")
   data.check_obtainable("cifar100", **kw)
   with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
     data.check_obtainable("svhn", **kw)
@@ -322,8 +323,8 @@ def test_failed_download_becomes_one_line_value_error(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_without_files_or_network(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_resolves", lambda host, timeout=5.0: False)
-  for var in data._PROXY_VARS:
+  monkeypatch.setattr(memory, "_resolves", lambda host, timeout=5.0: False)
+  for var in memory.PROXY_VARS:
     monkeypatch.delenv(var, raising=False)
   (tmp_path / "empty_manual").mkdir()
   with pytest.raises(ValueError) as excinfo:

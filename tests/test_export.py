@@ -5,7 +5,7 @@ exactly against +-1 float arithmetic; every model of the zoo and every
 binary quantizer round-trips export -> bytes -> load -> `Predictor` to the
 model's own eval-mode logits (random variables from the init's shapes, with
 non-trivial BatchNorm), and one real checkpoint of a tiny training run
-round-trips through `export_checkpoint` and the command line.
+round-trips through `experiments.export.export_run` and the command line.
 """
 
 import dataclasses
@@ -22,8 +22,13 @@ import numpy as np
 import pytest
 
 from benchmarks import inference as bench
+from experiments import export as export_cli
 from experiments.configs import tiny
-from fda_biper_jax import data, export, inference, inputs, models, train
+from fda_biper_jax import data, models, train
+from fda_biper_jax.deploy import export, inference
+from fda_biper_jax.deploy import packed as packed_lib
+from fda_biper_jax.train import runs
+from fda_biper_jax.data import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIPER = dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
@@ -63,9 +68,16 @@ def _exported(name, negative_bn_scales=0.0, **quantization):
   return model, variables, export.export(model, variables, _shape(name))
 
 
+def _load_checked(data: bytes):
+  """A file's bytes, parsed and checked whole: its structure and its fit to its model."""
+  packed = packed_lib.from_bytes(data)
+  inference.Predictor(packed).check(packed.header["input_shape"])
+  return packed
+
+
 def _assert_same_logits(model, variables, packed, x):
   ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  got = inference.Predictor(export.from_bytes(export.to_bytes(packed)))(x)
+  got = inference.Predictor(_load_checked(packed_lib.to_bytes(packed)))(x)
   np.testing.assert_array_equal(np.argmax(got, -1), np.argmax(ref, -1))
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
@@ -141,7 +153,7 @@ def test_every_model_round_trips_to_its_eval_logits(name):
   """ResNet-34 is only traced (its blocks are ResNet-18's), the others run."""
   model, variables, packed = _exported(name)
   if name == "resnet34":
-    logits = inference.Predictor(export.from_bytes(export.to_bytes(packed))).check(_shape(name))
+    logits = inference.Predictor(_load_checked(packed_lib.to_bytes(packed))).check(_shape(name))
     assert logits.shape == (1, 10) and logits.dtype == jnp.float32
   else:
     _assert_same_logits(model, variables, packed, _images(_shape(name)))
@@ -179,7 +191,7 @@ def test_method_parts_round_trip(quantization):
     thresholds = [a for k, a in packed.arrays.items() if k.endswith("/input_aux/alpha")]
     assert len(thresholds) == 2 and all(np.abs(t).max() > 0 for t in thresholds)
     # Without the thresholds the logits differ: they are used, not just carried.
-    stripped = export.Packed({**packed.header, "layers": {
+    stripped = packed_lib.Packed({**packed.header, "layers": {
         p: {**e, "input_aux": []} for p, e in packed.header["layers"].items()}},
         {k: v for k, v in packed.arrays.items() if "/input_aux/" not in k})
     x = _images(_shape("tiny_cnn"), batch=4)
@@ -228,12 +240,13 @@ def test_checkpoint_round_trip(tmp_path):
   workdir, out = str(tmp_path / "run"), str(tmp_path / "tiny.fbj")
   config = tiny.get_config()
   train.train_and_evaluate(config, workdir)
-  report = export.export_checkpoint(workdir, out, "best")
+  report = export_cli.export_run(workdir, out, "best")
   assert report["model"] == "tiny_cnn" and report["step"] in (8, 16) and report["ratio"] < 1
   assert report["checkpoint_bytes"] > report["file_bytes"] == os.path.getsize(out)
-  model, variables, shape, step = export.restore(workdir, "best")
-  assert step == report["step"]
-  packed = export.load(out)
+  run = runs.restore(workdir, "best")
+  model, variables, shape = run.model, run.variables, run.input_shape
+  assert run.step == report["step"]
+  packed = inference.load(out)
   assert packed.header["model"] == models.config(model)
   assert tuple(packed.header["input_shape"]) == shape == tuple(config.synthetic.image_shape)
   info, [(images, _)] = inputs.load_shards(config, "test", [0], 1)
@@ -245,14 +258,14 @@ def test_checkpoint_round_trip(tmp_path):
                        text=True, check=False)
   assert run.returncode == 0, run.stderr
   assert "exported tiny_cnn (latest checkpoint, step 16)" in run.stdout
-  assert export.load(cli).arrays.keys() == packed.arrays.keys()
+  assert inference.load(cli).arrays.keys() == packed.arrays.keys()
 
 
 def test_export_argument_errors(tmp_path):
   with pytest.raises(ValueError, match="which='last' is not allowed"):
-    export.restore(str(tmp_path), "last")
+    runs.restore(str(tmp_path), "last")
   with pytest.raises(ValueError, match="holds no checkpoints/ folder"):
-    export.restore(str(tmp_path), "latest")
+    runs.restore(str(tmp_path), "latest")
   assert not os.listdir(tmp_path)
 
 
@@ -263,17 +276,17 @@ def test_export_argument_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_file():
-  return export.to_bytes(_exported("tiny_cnn")[2])
+  return packed_lib.to_bytes(_exported("tiny_cnn")[2])
 
 
 def _resave(packed, header=None, arrays=None):
-  return export.to_bytes(dataclasses.replace(packed, header=header or packed.header,
+  return packed_lib.to_bytes(dataclasses.replace(packed, header=header or packed.header,
                                              arrays=arrays or packed.arrays))
 
 
 def test_valid_file_loads_from_disk(tmp_path, tiny_file):
   path = str(tmp_path / "net.fbj")
-  export.save(export.from_bytes(tiny_file), path)
+  packed_lib.save(_load_checked(tiny_file), path)
   assert pathlib.Path(path).read_bytes() == tiny_file
   assert json.loads(tiny_file[48:48 + int.from_bytes(tiny_file[8:16], "little")])["version"] == 1
 
@@ -281,12 +294,12 @@ def test_valid_file_loads_from_disk(tmp_path, tiny_file):
 @pytest.mark.parametrize("cut", [4, 30, 60, -1000, -1])
 def test_truncated_file_is_rejected(tiny_file, cut):
   with pytest.raises(ValueError, match="truncated"):
-    export.from_bytes(tiny_file[:cut])
+    _load_checked(tiny_file[:cut])
 
 
 def test_extended_file_is_rejected(tiny_file):
   with pytest.raises(ValueError, match="too long"):
-    export.from_bytes(tiny_file + b"\0")
+    _load_checked(tiny_file + b"\0")
 
 
 @pytest.mark.parametrize("where,match", [(100, "header fails its SHA-256"),
@@ -295,12 +308,12 @@ def test_tampered_file_is_rejected(tiny_file, where, match):
   data = bytearray(tiny_file)
   data[where] ^= 0x01
   with pytest.raises(ValueError, match=match):
-    export.from_bytes(bytes(data))
+    _load_checked(bytes(data))
 
 
 def test_wrong_magic_is_rejected(tiny_file):
   with pytest.raises(ValueError, match="not a fda_biper_jax.packed file"):
-    export.from_bytes(b"PK\x03\x04" + tiny_file[4:])
+    _load_checked(b"PK\x03\x04" + tiny_file[4:])
 
 
 @pytest.mark.parametrize("change,match", [
@@ -310,7 +323,7 @@ def test_wrong_magic_is_rejected(tiny_file):
 def test_wrong_version_or_format_is_rejected(change, match):
   packed = _exported("tiny_cnn")[2]
   with pytest.raises(ValueError, match=match):
-    export.from_bytes(_resave(packed, header={**packed.header, **change}))
+    _load_checked(_resave(packed, header={**packed.header, **change}))
 
 
 def _with_array(packed, name, value):
@@ -348,7 +361,7 @@ def test_inconsistent_files_are_rejected():
                 r"layer unit1/conv: the exported kernel shape \(3, 3, 8, 32\) does not fit"))
   for data, match in cases:
     with pytest.raises(ValueError, match=match):
-      export.from_bytes(data)
+      _load_checked(data)
 
 
 # --------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from experiments.configs import biper_imagenet, fda_resnet18_imagenet, recipes
 from fda_biper_jax import models, train
 
 tfds = pytest.importorskip("tensorflow_datasets")
-from fda_biper_jax.datasets import synthetic_jpeg  # noqa: E402  (needs tfds)
+from fda_biper_jax.data.datasets import synthetic_jpeg  # noqa: E402  (needs tfds)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = synthetic_jpeg.dataset_name(32, 12, height=(40, 60), width=(40, 60), num_classes=10)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fda_biper_jax import layers, quantizers, schedules, xla_cpu
+from fda_biper_jax import layers, quantizers, xla_cpu
+from fda_biper_jax.methods import schedule
 from fda_biper_jax.methods import fda as fda_method
 
 X = jax.random.normal(jax.random.key(1), (2, 6, 6, 5))
@@ -19,7 +20,7 @@ NOISE_CFG = fda_method.noise_config("test", "noise", True)
 
 
 def run(layer, x, train, key=0):
-  v = layer.init(jax.random.key(key), x)
+  v = layer.init(jax.random.key(key), x, train=False)
   y, st = layer.apply(v, x, train=train, mutable=["intermediates", "losses"])
   return v, y, st
 
@@ -75,7 +76,8 @@ def test_prenorm_divides_each_sample_by_its_std_where_the_deployed_form_needs_it
   np.testing.assert_allclose(sown(st, "input"), _normalised(x), rtol=1e-5)
   layer = layers.BinaryConv(4, input_quantizer="approx_sign", prenorm=True)
   # the eval program holds no reduction: nothing is normalised
-  text = jax.jit(layer.apply).lower(layer.init(jax.random.key(0), x), x).as_text()
+  v = layer.init(jax.random.key(0), x, train=False)
+  text = jax.jit(lambda v, x: layer.apply(v, x, train=False)).lower(v, x).as_text()
   assert "reduce" not in text
   _, _, st = run(layer, x, train=False)
   np.testing.assert_array_equal(sown(st, "input"), np.where(np.asarray(x) >= 0, 1.0, -1.0))
@@ -84,7 +86,7 @@ def test_prenorm_divides_each_sample_by_its_std_where_the_deployed_form_needs_it
 def test_mean_abs_scale_is_not_differentiated():
   layer = layers.BinaryDense(3, kernel_quantizer="ste", scaling="mean_abs")
   x = jax.random.normal(jax.random.key(2), (4, 5))
-  v = layer.init(jax.random.key(0), x)
+  v = layer.init(jax.random.key(0), x, train=False)
   g = jax.random.normal(jax.random.key(3), (4, 3))
   grad = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, train=True) * g))(v["params"])
   w = v["params"]["kernel"]
@@ -95,7 +97,7 @@ def test_mean_abs_scale_is_not_differentiated():
 
 def test_learned_scale_initialised_uniform_in_unit_interval():
   layer = layers.BinaryConv(64, kernel_quantizer="biper", scaling="learned")
-  s = np.asarray(layer.init(jax.random.key(0), X)["params"]["scale"])
+  s = np.asarray(layer.init(jax.random.key(0), X, train=False)["params"]["scale"])
   assert s.shape == (64,) and s.min() >= 0 and s.max() < 1 and s.std() > 0.1
 
 
@@ -121,10 +123,10 @@ def test_bf16_compute_keeps_operands_and_output_bf16_in_training(options):
   """A float32 scheduled value (alpha, beta at a traced step) or a float32 learned part
   (noise modules, thresholds) must not promote the bf16 operands."""
   layer = layers.BinaryConv(4, dtype=jnp.bfloat16, **options)
-  v = layer.init(jax.random.key(0), X)
+  v = layer.init(jax.random.key(0), X, train=False)
 
   def apply(v, step):
-    with schedules.training_step(step, 100, 10):
+    with schedule.training_step(step, 100, 10):
       return layer.apply(v, X, train=True, mutable=["intermediates", "losses"])
 
   y, st = jax.jit(apply)(v, jnp.int32(30))
@@ -149,7 +151,7 @@ def test_regularizer_is_sown_weighted_for_biper_kernels_only():
 def test_noise_adaptation_in_training_and_pure_sign_in_eval():
   layer = layers.BinaryConv(4, kernel_quantizer=FDA_NOISE,
                             input_quantizer={**FDA_NOISE, "noise": {"min_width": 2}})
-  v = layer.init(jax.random.key(0), X)  # created in eval mode: the modules exist
+  v = layer.init(jax.random.key(0), X, train=False)  # created in eval mode: the modules exist
   p = v["params"]
   assert p["kernel_noise"]["w1"].shape == (3 * 3 * 5, 4)  # d = 45 < 64: min_width, not 0
   assert p["input_noise"]["w1"].shape == (5, 2)
@@ -168,7 +170,7 @@ def test_input_noise_in_bf16_compute_runs_in_float32_and_returns_bf16():
   """sign(x) + alpha e(x) from the float32 value of the bf16 input, cast once to bf16."""
   layer = layers.BinaryDense(4, input_quantizer=FDA_NOISE, dtype=jnp.bfloat16)
   x = X.reshape(-1, 5) * 3.0
-  v = layer.init(jax.random.key(0), x)
+  v = layer.init(jax.random.key(0), x, train=False)
   _, st = layer.apply(v, x, train=True, mutable=["intermediates"])
   xb = x.astype(jnp.bfloat16).astype(jnp.float32)
   e = fda_method.noise(v["params"]["input_noise"], xb, NOISE_CFG)
@@ -183,7 +185,7 @@ def test_input_noise_in_bf16_compute_runs_in_float32_and_returns_bf16():
 
 def test_noise_modules_receive_gradients():
   layer = layers.BinaryConv(4, kernel_quantizer=FDA_NOISE, input_quantizer=FDA_NOISE)
-  v = layer.init(jax.random.key(0), X)
+  v = layer.init(jax.random.key(0), X, train=False)
   grads = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X, train=True) ** 2))(
       v["params"])
   for mod in ("kernel_noise", "input_noise"):
@@ -195,7 +197,7 @@ def test_a_schedule_needs_the_training_step():
   """No silent default: a scheduled parameter read in training without a bound step
   raises, naming the parameter and how to bind the step."""
   layer = layers.BinaryDense(3, kernel_quantizer={"name": "fda", "noise": True})
-  v = layer.init(jax.random.key(0), jnp.ones((2, 4)))  # evaluation needs no step
+  v = layer.init(jax.random.key(0), jnp.ones((2, 4)), train=False)  # evaluation needs no step
   with pytest.raises(ValueError, match=r"'fda': \w+ follows a \w+ schedule, so training "
                                        r"needs the step: .*training_step"):
     layer.apply(v, jnp.ones((2, 4)), train=True)
@@ -205,12 +207,12 @@ def test_scheduled_values_follow_the_traced_step_without_recompiling():
   layer = layers.BinaryDense(3, kernel_quantizer={"name": "fda"},
                              input_quantizer={"name": "bnn_pp"})
   x = jax.random.normal(jax.random.key(0), (2, 4))
-  v = layer.init(jax.random.key(0), x)
+  v = layer.init(jax.random.key(0), x, train=False)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
   def grad(v, step):
-    with schedules.training_step(step, 100, 10):
+    with schedule.training_step(step, 100, 10):
       return jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, train=True)))(v["params"])
 
   def fixed(n, beta):  # the same layer with the values the schedules give at that step
@@ -271,7 +273,7 @@ def test_bad_spec_values(kwargs, match):
 
 def test_bad_scaling_on_a_layer():
   with pytest.raises(ValueError, match="scaling='x' is not allowed"):
-    layers.BinaryDense(3, scaling="x").init(jax.random.key(0), jnp.ones((1, 2)))
+    layers.BinaryDense(3, scaling="x").init(jax.random.key(0), jnp.ones((1, 2)), train=False)
 
 
 # ----------------------------------------------------------------------------- noise adapter
@@ -337,7 +339,7 @@ def _residual_chain_grad_hlo(depth=6):
   """The compiled gradient of a Bi-Real chain x <- hardtanh(BN-like(conv(x)) + x)."""
   convs = [layers.BinaryConv(8, name=f"c{i}") for i in range(depth)]
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
-  params = [c.init(jax.random.key(i), x)["params"] for i, c in enumerate(convs)]
+  params = [c.init(jax.random.key(i), x, train=False)["params"] for i, c in enumerate(convs)]
 
   def loss(params, x):
     for c, p in zip(convs, params):
@@ -401,7 +403,7 @@ def test_prenormalize_takes_fewer_passes_than_autodiff_of_the_formula():
 def test_learned_scale_is_folded_into_the_kernel_in_training_only():
   layer = layers.BinaryConv(4, kernel_quantizer="biper", input_quantizer="approx_sign",
                             scaling="learned", prenorm=True)
-  v = layer.init(jax.random.key(0), X)
+  v = layer.init(jax.random.key(0), X, train=False)
   scale = v["params"]["scale"]
 
   def unfolded(p, x):  # the reference: scale the conv's output

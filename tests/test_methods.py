@@ -17,9 +17,12 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
+from experiments import export as export_cli
 from experiments.configs import quick, recipes, tiny
-from fda_biper_jax import (export, inference, layers, methods, models, quantizers, schedules,
-                           summary, train, trace)
+from fda_biper_jax import layers, methods, models, quantizers, summary, train, trace
+from fda_biper_jax.deploy import inference
+from fda_biper_jax.train import runs
+from fda_biper_jax.methods import schedule
 from fda_biper_jax.methods import ir_net as ir_net_lib
 from fda_biper_jax.methods import reactnet
 
@@ -29,7 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def at(q, step, total=100, per_epoch=10, **kw):
   """q's value and gradient at x, with the training step bound."""
   x = kw.pop("x")
-  with schedules.training_step(step, total, per_epoch):
+  with schedule.training_step(step, total, per_epoch):
     return q(x), jax.grad(lambda x: jnp.sum(q(x)))(x)
 
 
@@ -49,22 +52,22 @@ def test_schedule_shapes_equal_their_formulas(per):
         "stepwise": min(2 + math.floor(p * 7 + 1e-12), 8),
     }
     for shape, want in expected.items():
-      got = schedules.at({"schedule": shape, "start": 2, "end": 8, "per": per}, step, total, spe)
+      got = schedule.at({"schedule": shape, "start": 2, "end": 8, "per": per}, step, total, spe)
       assert got == pytest.approx(want, rel=1e-6), (shape, step)
 
 
 def test_step_schedules_end_exactly_at_the_end_value():
   for shape in ("linear", "cosine", "geometric", "quarter_cosine"):
-    assert schedules.at({"schedule": shape, "start": 0.5, "end": 3.0}, 99, 100) == \
+    assert schedule.at({"schedule": shape, "start": 0.5, "end": 3.0}, 99, 100) == \
         pytest.approx(3.0, rel=1e-6)
-  assert schedules.at({"schedule": "cosine", "start": 0.1, "end": 0.0}, 99, 100) == 0.0
+  assert schedule.at({"schedule": "cosine", "start": 0.1, "end": 0.0}, 99, 100) == 0.0
 
 
 def test_stepwise_is_integer_arithmetic_at_every_boundary():
   """FDA's n(e) = n_s + floor(e (n_e - n_s + 1) / E), exactly, for every epoch of many Es."""
   for epochs in (1, 3, 7, 10, 30, 400):
     for e in range(epochs):
-      got = schedules.at({"schedule": "stepwise", "start": 9, "end": 18}, e * 5, epochs * 5, 5)
+      got = schedule.at({"schedule": "stepwise", "start": 9, "end": 18}, e * 5, epochs * 5, 5)
       assert got == min(9 + (e * 10) // epochs, 18), (epochs, e)
 
 
@@ -90,7 +93,7 @@ def test_only_schedulable_parameters_follow_schedules_and_their_ends_are_validat
   with pytest.raises(ValueError, match=r"fda: n_terms=-2 is not allowed"):
     quantizers.get("fda", n_terms={"schedule": "stepwise", "start": -2, "end": 3})
   with pytest.raises(ValueError, match="total_steps=0 is not allowed"):
-    schedules.Progress(0, 0, 1)
+    schedule.Progress(0, 0, 1)
 
 
 def test_one_compilation_for_every_step():
@@ -100,7 +103,7 @@ def test_one_compilation_for_every_step():
   @jax.jit
   @chex.assert_max_traces(n=1)
   def grad(step):
-    with schedules.training_step(step, 100, 10):
+    with schedule.training_step(step, 100, 10):
       return jax.grad(lambda x: jnp.sum(q(x)))(x)
 
   chex.clear_trace_counter()
@@ -182,12 +185,12 @@ def test_rsign_thresholds_are_learned_parameters_of_the_layer():
   layer = layers.BinaryConv(6, kernel_quantizer={"name": "ste", "clip": 1.0},
                             input_quantizer="rsign", scaling="mean_abs")
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
-  v = layer.init(jax.random.key(1), x)
+  v = layer.init(jax.random.key(1), x, train=False)
   assert v["params"]["input_threshold"]["alpha"].shape == (4,)
   np.testing.assert_array_equal(v["params"]["input_threshold"]["alpha"], 0.0)
   p = jax.tree.map(lambda a: a, v["params"])
   p["input_threshold"] = {"alpha": jnp.array([0.5, -0.5, 0.1, 0.0])}
-  _, st = layer.apply({"params": p}, x, mutable=["intermediates"])
+  _, st = layer.apply({"params": p}, x, train=False, mutable=["intermediates"])
   np.testing.assert_array_equal(st["intermediates"]["input"][0],
                                 np.where(np.asarray(x) - np.asarray(p["input_threshold"]["alpha"])
                                          >= 0, 1.0, -1.0))
@@ -200,7 +203,7 @@ def test_rsign_thresholds_under_shard_map_equal_one_device():
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   layer = layers.BinaryDense(3, input_quantizer="rsign", kernel_quantizer="ste")
   x = jax.random.normal(jax.random.key(0), (16, 5))
-  v = layer.init(jax.random.key(1), x)
+  v = layer.init(jax.random.key(1), x, train=False)
   v["params"]["input_threshold"] = {"alpha": jnp.linspace(-0.4, 0.4, 5)}
 
   def loss(p, x):
@@ -293,14 +296,15 @@ def test_a_registered_method_trains_checkpoints_restores_summarises_and_exports(
     first = json.loads(f.readline())
   assert first[f"kernel/{name}/s"] == pytest.approx(1.0 + 2.0 * 3 / 7, rel=1e-5)
   # restore without the trainer's optimizer state, rebuild the model from the checkpoint
-  model, variables, shape, step = export.restore(wd)
-  assert step == out["steps"] == 8
+  run = runs.restore(wd)
+  model, variables, shape = run.model, run.variables, run.input_shape
+  assert run.step == out["steps"] == 8
   assert models.config(model)["kernel_quantizer"] == {
       "name": name, "s": {"schedule": "linear", "start": 1.0, "end": 3.0, "per": "step"}}
   rows = {r.name: r for r in summary.summarize(model, shape).rows}
   assert rows["unit1/conv"].kernel_bits == rows["unit1/conv"].input_bits == 1
   assert set(trace.binary_layers(model, shape)) == {"unit1/conv", "unit2/conv"}
-  packed = export.load(_export(wd, tmp_path))
+  packed = inference.load(_export(wd, tmp_path))
   x = jax.random.normal(jax.random.key(3), (4, *shape))
   ref = model.apply(variables, x, train=False)
   np.testing.assert_allclose(inference.Predictor(packed)(x), ref, rtol=1e-4, atol=1e-4)
@@ -308,7 +312,7 @@ def test_a_registered_method_trains_checkpoints_restores_summarises_and_exports(
 
 def _export(wd, tmp_path):
   out = str(tmp_path / "model.fbj")
-  export.export_checkpoint(wd, out)
+  export_cli.export_run(wd, out)
   return out
 
 
@@ -320,8 +324,10 @@ METHOD_WORDS = {"n_terms", "beta", "alpha", "omega", "omega0", "tau", "noise", "
                 "ste"}
 # (summary.py's command line defaults to BiPer's setting, by name, as an example;
 # analysis.py reproduces the BiPer and FDA papers' figures.)
-GENERIC_FILES = ["fda_biper_jax/train.py", "fda_biper_jax/layers.py", "fda_biper_jax/trace.py",
-                 "fda_biper_jax/inference.py", "fda_biper_jax/export.py"] + [
+GENERIC_FILES = ["fda_biper_jax/train/trainer.py", "fda_biper_jax/train/runs.py",
+                 "fda_biper_jax/nn/linen.py", "fda_biper_jax/trace.py",
+                 "fda_biper_jax/deploy/inference.py", "fda_biper_jax/deploy/export.py",
+                 "fda_biper_jax/deploy/packed.py"] + [
     f"fda_biper_jax/models/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "fda_biper_jax",
                                                                          "models")))
     if f.endswith(".py")]

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from fda_biper_jax import models, schedules
+from fda_biper_jax import models
+from fda_biper_jax.methods import schedule
 
 BIPER = dict(kernel_quantizer={"name": "biper", "tau": 0.0468}, input_quantizer="approx_sign",
              scaling="learned", prenorm=True)
@@ -92,7 +93,7 @@ def _train(model, variables, x, mutable=("batch_stats", "losses")):
   """One jitted training forward (a whole-model compile beats op-by-op dispatch), at
   `STEP` (so scheduled parameters have their step)."""
   def f(variables, x, step):
-    with schedules.training_step(step, *STEP[1:]):
+    with schedule.training_step(step, *STEP[1:]):
       return model.apply(variables, x, train=True, mutable=list(mutable))
   return jax.jit(f)(variables, x, STEP[0])
 
@@ -224,7 +225,7 @@ def test_fda_noise_modules_receive_gradients():
   variables = _fill(model, x)
 
   def loss(params):
-    with schedules.training_step(*STEP):
+    with schedule.training_step(*STEP):
       logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
                               train=True, mutable=["batch_stats"])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
@@ -278,7 +279,7 @@ def test_round_trip_keeps_quantizer_parameters_and_outputs():
   variables = _fill(model, x)
   for train in (False, True):
     kw = dict(train=train, mutable=["batch_stats"]) if train else dict(train=train)
-    with schedules.training_step(0, 10):
+    with schedule.training_step(0, 10):
       a, b = model.apply(variables, x, **kw), restored.apply(variables, x, **kw)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_array_equal(u, v)
@@ -360,7 +361,7 @@ def test_bfloat16_training_runs_every_convolution_in_bfloat16(quantization):
   variables = _fill(model, x)
 
   def loss(params):
-    with schedules.training_step(*STEP):
+    with schedule.training_step(*STEP):
       y, _ = model.apply({**variables, "params": params}, x, train=True,
                          mutable=["batch_stats", "losses"])
     return jnp.sum(y)

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import tiny
-from fda_biper_jax import checkpoints, inputs, models, parallel, train
+from fda_biper_jax import models, parallel, train
+from fda_biper_jax.train import checkpoints
+from fda_biper_jax.data import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
 
-from fda_biper_jax import quantizers, schedules
+from fda_biper_jax import quantizers
+from fda_biper_jax.methods import schedule
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 DTYPES = (F32, BF16, F16)
@@ -1397,7 +1398,7 @@ class RegistryTest(QuantizerTestCase):
     cot = _cot_like(x, 13)
 
     def both(x, t):
-      with schedules.training_step(jnp.int32(40), 100, 10):
+      with schedule.training_step(jnp.int32(40), 100, 10):
         return {n: (_value_and_grad(quantizers.get(n))(x, t), _value_and_grad(fn)(x, t))
                 for n, fn in pairs.items()}
 

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from fda_biper_jax import parallel, streaming
+from fda_biper_jax import parallel
+from fda_biper_jax.data import streaming
 from fda_biper_jax.data import DataUnavailableError
 
 tfds = pytest.importorskip("tensorflow_datasets")
 tf = pytest.importorskip("tensorflow")
-from fda_biper_jax.datasets import synthetic_jpeg  # noqa: E402  (after the tfds import check)
+from fda_biper_jax.data.datasets import synthetic_jpeg  # noqa: E402  (after the tfds import check)
 
 S = 32  # crop side of the synthetic tests
 NUM_TRAIN, NUM_EVAL = 37, 19  # odd on purpose: shards with remainders
@@ -29,7 +30,7 @@ MEAN = np.asarray(streaming.IMAGENET_MEAN, np.float32)
 STD = np.asarray(streaming.IMAGENET_STD, np.float32)
 
 
-def _one_line(excinfo) -> str:
+def one_line(excinfo) -> str:
   assert isinstance(excinfo.value, ValueError)
   message = str(excinfo.value)
   assert "\n" not in message, message
@@ -88,18 +89,18 @@ def test_info_errors_are_one_line(tmp_path):
   empty.mkdir()
   with pytest.raises(DataUnavailableError) as excinfo:
     streaming.info("imagenet2012", data_dir=str(tmp_path / "tfds"), manual_dir=str(empty))
-  message = _one_line(excinfo)
+  message = one_line(excinfo)
   assert "ILSVRC2012_img_train.tar" in message and str(empty) in message
   with pytest.raises(ValueError) as excinfo:
     streaming.info("celeb_a", data_dir=str(tmp_path / "tfds"))  # no 'label' feature
-  message = _one_line(excinfo)
+  message = one_line(excinfo)
   assert "celeb_a" in message and "'label'" in message and "ClassLabel" in message
   with pytest.raises(ValueError) as excinfo:
     streaming.info("no_such_dataset_xyz", data_dir=str(tmp_path / "tfds"))
-  assert "no_such_dataset_xyz" in _one_line(excinfo)
+  assert "no_such_dataset_xyz" in one_line(excinfo)
   with pytest.raises(ValueError) as excinfo:
     streaming.info(NAME, image_size=0)
-  assert "image_size=0" in _one_line(excinfo)
+  assert "image_size=0" in one_line(excinfo)
 
 
 # ----------------------------------------------------------------------------- mock imagenet2012
@@ -429,13 +430,13 @@ def test_bad_arguments_raise_one_line_value_errors(tiny):
   for call, fragment in cases:
     with pytest.raises(ValueError) as excinfo:
       call()
-    message = _one_line(excinfo)
+    message = one_line(excinfo)
     assert fragment in message, (fragment, message)
     assert "allowed" in message or "use" in message, message
   # and a good call with the ghost fails only when reading, with a one-line error
   with pytest.raises(DataUnavailableError) as excinfo:
     streaming.train_batches(ghost, **train)
-  assert "no_such_dataset_xyz" in _one_line(excinfo)
+  assert "no_such_dataset_xyz" in one_line(excinfo)
   # dtype objects are accepted as well as names
   assert streaming._dtype_name(np.float32) == "float32"
   assert streaming._dtype_name(jax.numpy.bfloat16) == "bfloat16"

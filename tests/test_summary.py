@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from fda_biper_jax import layers, schedules, summary
+from fda_biper_jax import layers, summary
+from fda_biper_jax.methods import schedule
 from fda_biper_jax.summary import Summary, format_table, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +27,11 @@ class Tiny(nn.Module):
   def __call__(self, x, train: bool = False):
     q = (lambda spec: spec) if self.binary else (lambda spec: "identity")
     # Full-precision stem: 3x3x3x4 = 108 float weights, 8*8*108 = 6912 float MACs.
-    x = layers.BinaryConv(4, name="conv0")(x, train)
+    x = layers.BinaryConv(4, use_bias=False, name="conv0")(x, train)
     x = nn.BatchNorm(use_running_average=not train, name="bn0")(x)  # 4 + 4 params
     # Binary x binary, stride 2 -> 4x4x8: 3*3*4*8 = 288 1-bit, 8 learned scales,
     # 4*4*288 = 4608 binary MACs.
-    x = layers.BinaryConv(8, strides=(2, 2), kernel_quantizer=q("biper"),
+    x = layers.BinaryConv(8, strides=(2, 2), use_bias=False, kernel_quantizer=q("biper"),
                           input_quantizer=q("approx_sign"), scaling="learned",
                           name="conv1")(x, train)
     # Binary kernel, float input: 1x1x8x8 = 64 1-bit + 8 bias, 16*64 = 1024 mixed MACs.
@@ -40,7 +41,7 @@ class Tiny(nn.Module):
     # max(72 // 64, 4) = 4: 2*72*4 = 576 float; input adapter d=8, hidden 4:
     # 2*8*4 = 64 float; 16*576 = 9216 binary MACs.
     fda = {"name": "fda", "noise": True}
-    x = layers.BinaryConv(8, kernel_quantizer=q(fda), input_quantizer=q(fda),
+    x = layers.BinaryConv(8, use_bias=False, kernel_quantizer=q(fda), input_quantizer=q(fda),
                           scaling="mean_abs", name="conv3")(x, train)
     x = nn.PReLU(name="prelu")(x)  # 1 float
     x = jnp.mean(x, axis=(1, 2))
@@ -116,7 +117,7 @@ def test_twin_has_no_binary_params_or_macs():
 
 
 def test_train_mode_and_the_training_step_pass_through():
-  with schedules.training_step(3, 10):  # FDA's schedules read the bound step in training
+  with schedule.training_step(3, 10):  # FDA's schedules read the bound step in training
     s = summarize(Tiny(), (8, 8, 3), train=True)
   assert s.totals.params == P1 + P32 and s.totals.macs == 21840
 
@@ -126,8 +127,8 @@ class Shared(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = layers.BinaryConv(3, kernel_size=(1, 1), kernel_quantizer="ste",
-                             input_quantizer="ste", name="shared")
+    conv = layers.BinaryConv(3, kernel_size=(1, 1), use_bias=False, kernel_quantizer="ste",
+                             input_quantizer="ste", train=False, name="shared")
     x = conv(conv(x))                                   # 2 * 4*4*9 = 288 binary MACs
     x = nn.Conv(2, (3, 3), padding="SAME", name="c")(x)  # 4*4*54 = 864 float, 56 params
     x = x.reshape((x.shape[0], -1))                       # 32
@@ -256,7 +257,8 @@ def test_zoo_totals_equal_params_collection():
 class NeedsTrain(nn.Module):
   @nn.compact
   def __call__(self, x, train):
-    x = layers.BinaryDense(4, kernel_quantizer="ste", input_quantizer="ste", name="fc")(x, train)
+    x = layers.BinaryDense(4, use_bias=False, kernel_quantizer="ste", input_quantizer="ste",
+                           name="fc")(x, train)
     return nn.BatchNorm(use_running_average=not train, name="bn")(x)
 
 

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import recipes, tiny
-from fda_biper_jax import checkpoints, inputs, models, parallel, trace, train
+from fda_biper_jax import models, parallel, trace, train
+from fda_biper_jax.train import checkpoints
+from fda_biper_jax.data import inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,7 +122,7 @@ def test_two_stage_handoff(tmp_path, reference_run):
   s1, out1 = reference_run
   stage2 = tiny_config(init_from=s1, num_epochs=1)
   fresh = _template(stage2)
-  handed = train._init_from_stage(fresh, s1)
+  handed = train.init_from_stage(fresh, s1)
   best = checkpoints.Checkpoints(s1).restore_best(fresh)
   assert best[0] == out1["best_step"]
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(handed.params),
@@ -302,9 +304,10 @@ def test_config_errors_stop_fast_before_writing(tmp_path, override, match):
 
 _MISSING_DATA = """
 import sys, time
-from fda_biper_jax import data, train
+from fda_biper_jax import train
+from fda_biper_jax.data import memory
 from experiments.configs import tiny
-data._resolves = lambda host, timeout=5.0: False  # no network, whatever this machine has
+memory._resolves = lambda host, timeout=5.0: False  # no network, whatever this machine has
 c = tiny.get_config()
 c.dataset, c.data_dir, c.manual_dir = "cifar10", sys.argv[1], sys.argv[2]
 t = time.perf_counter()

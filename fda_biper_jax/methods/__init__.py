@@ -21,8 +21,9 @@ a forward quantizer F and a backward one whose derivative replaces dF/dx.
 Each file defines the pure `jax.custom_vjp` functions and a `Method` (see
 `base`) that declares the parameters, schedules, deployed form, learned
 parts, regulariser and analysis hooks; nothing else in the library names a
-method. `get(name, **params)` binds parameters (constants or schedules);
-`register(method)` adds a user's own.
+method. `get(name, **params)` binds parameters (constants or schedules,
+`schedule`); `register(method)` adds a user's own; `training_step(step,
+total_steps, steps_per_epoch)` binds the step the schedules read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fda_biper_jax.methods import (approx_sign, biper, bnn_pp, fda, identity, ir
                                    reste, sign_swish, ste)
 from fda_biper_jax.methods.base import (REGISTRY, CallableQuantizer, Method, Param, Quantizer,
                                         Values, get, lookup, sign)
+from fda_biper_jax.methods.schedule import Progress, Schedule, training_step
 
 
 def register(method, *, replace: bool = False) -> Method:
@@ -113,5 +115,5 @@ register(ir_net.IRNet)
 register(reste.ReSTE)
 register(reactnet.RSign)
 
-__all__ = ["CallableQuantizer", "Method", "Param", "Quantizer", "Values", "get", "lookup",
-           "names", "register", "removed_settings", "sign"]
+__all__ = ["CallableQuantizer", "Method", "Param", "Progress", "Quantizer", "Schedule", "Values",
+           "get", "lookup", "names", "register", "removed_settings", "sign", "training_step"]

@@ -4,7 +4,7 @@ A method (one file in this package, or a user's own) is a `Method` subclass
 that declares, in one place:
 
 * `params`: every parameter with its default and validation (`Param`), and
-  which of them may follow a schedule (`schedules`);
+  which of them may follow a schedule (`schedule`);
 * `forward(x, p)`: the training forward with its surrogate gradient, a pure
   `jax.custom_vjp` function (`surrogate` builds one from F and B');
 * `deploy(x, p, aux, role)`: the exact deployed map (two values for a binary
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
-from fda_biper_jax import schedules
+from fda_biper_jax.methods import schedule
 from fda_biper_jax.xla_cpu import compute_dtype
 
 Array = jax.Array
@@ -274,7 +274,7 @@ class Values(Mapping):
   """A quantizer's parameter values, schedules evaluated when read.
 
   A scheduled parameter is evaluated at `progress` (default: the step bound
-  by `schedules.training_step`); reading one with no step bound raises, so a
+  by `schedule.training_step`); reading one with no step bound raises, so a
   schedule is never silently replaced by a default.
   """
 
@@ -287,13 +287,13 @@ class Values(Mapping):
     if key in self._overrides:
       return self._overrides[key]
     v = self._q.kwargs[key]
-    if not isinstance(v, schedules.Schedule):
+    if not isinstance(v, schedule.Schedule):
       return v
-    progress = self._progress or schedules.current()
+    progress = self._progress or schedule.current()
     if progress is None:
       raise ValueError(
           f"quantizer {self._q.name!r}: {key} follows a {v.shape} schedule, so training needs "
-          "the step: call the model inside `with fda_biper_jax.schedules.training_step(step, "
+          "the step: call the model inside `with fda_biper_jax.training_step(step, "
           "total_steps, steps_per_epoch):` (the trainer does), or pass "
           f"{key}= explicitly")
     value = v(progress)
@@ -309,7 +309,7 @@ class Values(Mapping):
 
 
 def _freeze(v):
-  if isinstance(v, Mapping) and not isinstance(v, schedules.Schedule):
+  if isinstance(v, Mapping) and not isinstance(v, schedule.Schedule):
     return FrozenDict({k: _freeze(x) for k, x in v.items()})
   return v
 
@@ -358,7 +358,7 @@ class Quantizer:
   @property
   def scheduled(self) -> tuple[str, ...]:
     """Parameters that follow a schedule in this quantizer."""
-    return tuple(k for k, v in self.params if isinstance(v, schedules.Schedule))
+    return tuple(k for k, v in self.params if isinstance(v, schedule.Schedule))
 
   def values(self, progress=None, **overrides) -> Values:
     return Values(self, progress, overrides)
@@ -401,7 +401,7 @@ class Quantizer:
   def config(self) -> dict[str, Any]:
     out = {"name": self.name}
     for k, v in self.params:
-      out[k] = v.config() if isinstance(v, schedules.Schedule) else _thaw(v)
+      out[k] = v.config() if isinstance(v, schedule.Schedule) else _thaw(v)
     return out
 
 
@@ -444,11 +444,11 @@ class CallableQuantizer:
 
 
 def _check_value(where: str, key: str, spec: Param, v):
-  if schedules.is_schedule(v):
+  if schedule.is_schedule(v):
     if not spec.schedulable:
       raise ValueError(f"{where}: {key} cannot follow a schedule; schedulable parameters "
                        "are the method's own (see its docstring)")
-    s = schedules.parse(v, f"{where} {key}")
+    s = schedule.parse(v, f"{where} {key}")
     for bound in (s.start, s.end):
       spec.check(where, key, int(bound) if spec.integer else bound)
     return s

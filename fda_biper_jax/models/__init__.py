@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fda_biper_jax.layers import REMOVED, BinarySpec
+from fda_biper_jax.nn.linen import REMOVED, BinarySpec
 from fda_biper_jax.models.blocks import BinaryNet
 from fda_biper_jax.models.resnet_cifar import ResNet18CIFAR, ResNet20, ResNet20FDA
 from fda_biper_jax.models.resnet_imagenet import ResNet18, ResNet34
@@ -75,7 +75,7 @@ def _dtype(dtype) -> np.dtype | None:
 
 
 def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = None,
-           bn_scale_init: float = 1.0, **quantization) -> nn.Module:
+           bn_scale_init: float = 1.0, full_precision=None, **quantization) -> nn.Module:
   """The model `name` with `num_classes` logits.
 
   Args:
@@ -86,6 +86,9 @@ def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = N
     axis_name: the mapped axis BatchNorm averages its statistics over under
       shard_map / pmap; None on one device.
     bn_scale_init: the initial scale of every BatchNorm (> 0; default 1).
+    full_precision: path patterns of the layers kept in full precision (None:
+      the model's `FULL_PRECISION`, its first conv and last fc, and the
+      ImageNet ResNets' 1x1 downsample convs).
     **quantization: keywords of `BinarySpec.create`; kernel_quantizer and
       input_quantizer default to 'identity' (the full-precision twin).
 
@@ -109,7 +112,9 @@ def create(name: str, num_classes: int, *, dtype=None, axis_name: str | None = N
                      f"allowed: {list(QUANTIZATION_KEYS)}")
   quantization.setdefault("kernel_quantizer", "identity")
   quantization.setdefault("input_quantizer", "identity")
-  spec = BinarySpec.create(**quantization)
+  if full_precision is None:
+    full_precision = _MODELS[name].FULL_PRECISION
+  spec = BinarySpec.create(full_precision=full_precision, **quantization)
   return _MODELS[name](num_classes=int(num_classes), spec=spec, dtype=_dtype(dtype),
                        axis_name=axis_name, bn_scale_init=float(bn_scale_init))
 

@@ -3,9 +3,11 @@
 Every model in `fda_biper_jax.models` is assembled from the pieces here:
 
 * `Context`: what every layer of one model shares (the `BinarySpec`, the
-  compute dtype, the BatchNorm `axis_name`, the kernel initialisers) and the
-  three layer factories that apply it: binary or full-precision conv, the
-  full-precision classifier, and BatchNorm;
+  train mode, the compute dtype, the BatchNorm `axis_name`, the kernel
+  initialisers) and the layer factories that apply it: conv, classifier,
+  BatchNorm and the activation after a binary layer. The model binds the mode
+  once (`BinaryNet.context(train)`, as flax's examples bind BatchNorm's
+  `use_running_average`); blocks take only `x`;
 * `ConvUnit`: conv (-> 2x2 max-pool) -> BatchNorm -> activation, or
   conv -> activation -> BatchNorm (FDA's order);
 * `option_a_shortcut`: the parameter-free ResNet shortcut for a stride or
@@ -17,9 +19,12 @@ Every model in `fda_biper_jax.models` is assembled from the pieces here:
 * `Head`: global average pool (or flatten) -> BatchNorm1d -> classifier;
 * `PReLU` and `hardtanh`, the activations the reference models use.
 
-Full-precision layers (first conv, last fc, ImageNet 1x1 downsample convs) are
-`BinaryConv` / `BinaryDense` with no quantizer, so one layer type serves
-summaries and exporters; binary layers get `**spec.layer_kwargs()`.
+Every conv and fc is a `BinaryConv` / `BinaryDense` with the spec's
+quantizers; which stay full precision (first conv, last fc, ImageNet 1x1
+downsample convs) is a rule of the model, path patterns
+(`BinaryNet.full_precision`, e.g. ('stem/*', 'head/*')), that each layer
+applies to its own path: one layer type serves summaries and exporters, and
+no block passes a "binary" flag.
 
 Convolutions use explicit symmetric padding kernel_size // 2, as PyTorch's
 `padding=k//2` does: 'SAME' pads a stride-2 conv on an even input only at the
@@ -29,19 +34,26 @@ bottom/right, which shifts the sampling grid relative to the reference models.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from fda_biper_jax.layers import BinaryConv, BinaryDense, BinarySpec, default_kernel_init
+from fda_biper_jax.nn.linen import BinaryConv, BinaryDense, BinarySpec
 
 Array = jax.Array
 
+# PyTorch's default conv/linear init, kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)): the initialisation of the reference code's layers
+# that set none.
+torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
 BN_MOMENTUM = 0.9  # PyTorch's momentum 0.1 for the new batch statistic
 BN_EPSILON = 1e-5
-ACTIVATIONS = (None, "hardtanh", "prelu", "relu")
+# 'method': hardtanh, or the activation the input quantizer's method prescribes after a
+# binary layer (ReActNet's RPReLU): the activation of a binary unit.
+ACTIVATIONS = (None, "hardtanh", "method", "prelu", "relu")
 
 # PyTorch's init.kaiming_normal_ (fan_in, gain sqrt 2; JAX's "normal" is untruncated), the
 # conv initialisation of the BiPer / ReCU / IR-Net ResNets.
@@ -61,30 +73,31 @@ class Context:
   the layer belongs to the module whose method is running.
   """
   spec: BinarySpec
+  train: bool = False
   dtype: Any = None
   axis_name: str | None = None
-  conv_init: Callable = default_kernel_init
-  dense_init: Callable = default_kernel_init
+  conv_init: Callable = torch_default_init
+  dense_init: Callable = torch_default_init
   bn_scale_init: float = 1.0
 
   def conv(self, features: int, kernel_size: int = 3, strides: int = 1, *,
-           binary: bool = True, name: str | None = None) -> BinaryConv:
-    """A square conv with PyTorch padding k // 2; binary: `spec`'s quantizers,
-    else a plain float conv (no quantizer, no scale)."""
-    quantization = self.spec.layer_kwargs() if binary else {}
-    return BinaryConv(features, kernel_size=(kernel_size, kernel_size),
-                      strides=(strides, strides), padding=kernel_size // 2,
-                      kernel_init=self.conv_init, dtype=self.dtype, name=name,
-                      **quantization)
+           name: str | None = None) -> BinaryConv:
+    """A square bias-free conv with PyTorch padding k // 2 and the spec's quantization
+    (full precision where the spec's `full_precision` rule matches its path)."""
+    return BinaryConv(features, kernel_size=(kernel_size, kernel_size), strides=strides,
+                      padding=kernel_size // 2, use_bias=False, kernel_init=self.conv_init,
+                      dtype=self.dtype, train=self.train, name=name,
+                      **self.spec.layer_kwargs())
 
   def classifier(self, num_classes: int, name: str | None = None) -> BinaryDense:
-    """The full-precision last layer, with bias."""
+    """The last layer, with bias (full precision by the models' rules)."""
     return BinaryDense(num_classes, use_bias=True, kernel_init=self.dense_init,
-                       dtype=self.dtype, name=name)
+                       dtype=self.dtype, train=self.train, name=name,
+                       **self.spec.layer_kwargs())
 
-  def batch_norm(self, train: bool, name: str | None = None) -> nn.BatchNorm:
+  def batch_norm(self, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm over every axis but the last, statistics pmean'd over `axis_name`."""
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+    return nn.BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM,
                         epsilon=BN_EPSILON, axis_name=self.axis_name, dtype=self.dtype,
                         scale_init=nn.initializers.constant(self.bn_scale_init), name=name)
 
@@ -109,11 +122,13 @@ class PReLU(nn.Module):
     return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
 
 
-def _activate(kind: str | None, x: Array, ctx: Context | None = None) -> Array:
+def _activate(kind: str | None, x: Array, ctx: Context) -> Array:
   if kind is None:
     return x
   if kind == "hardtanh":
-    return hardtanh(x) if ctx is None else ctx.binary_activation(x)
+    return hardtanh(x)
+  if kind == "method":
+    return ctx.binary_activation(x)
   if kind == "relu":
     return nn.relu(x)
   return PReLU(name="act")(x)
@@ -123,12 +138,13 @@ class ConvUnit(nn.Module):
   """conv -> [2x2 max-pool] -> BatchNorm -> activation (or activation -> BN).
 
   Attributes:
-    ctx: the model's shared `Context`.
+    ctx: the model's shared `Context` (its mode included).
     features, kernel_size, strides: of the conv (padding kernel_size // 2).
-    binary: quantize with the model's spec; False for full-precision convs.
     pool: a 2x2 stride-2 max-pool between conv and BatchNorm (VGG-Small of
       IR-Net / ReCU / BiPer pools before its BatchNorm).
-    activation: None, 'hardtanh', 'relu' or 'prelu' (per-channel).
+    activation: None, 'hardtanh', 'method' (a binary unit's: hardtanh unless
+      the input quantizer's method prescribes one), 'relu' or 'prelu'
+      (per-channel).
     activation_first: conv -> activation -> BN, FDA-BNN's MindSpore ResNet-20
       order; otherwise conv -> BN -> activation.
   """
@@ -136,26 +152,23 @@ class ConvUnit(nn.Module):
   features: int
   kernel_size: int = 3
   strides: int = 1
-  binary: bool = True
   pool: bool = False
-  activation: str | None = "hardtanh"
+  activation: str | None = "method"
   activation_first: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array) -> Array:
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"ConvUnit: activation={self.activation!r} is not allowed; "
                        f"allowed: {list(ACTIVATIONS)}")
-    y = self.ctx.conv(self.features, self.kernel_size, self.strides, binary=self.binary,
-                      name="conv")(x, train=train)
+    y = self.ctx.conv(self.features, self.kernel_size, self.strides, name="conv")(x)
     if self.pool:
       y = nn.max_pool(y, (2, 2), strides=(2, 2))
-    ctx = self.ctx if self.binary else None
     if self.activation_first:
-      y = _activate(self.activation, y, ctx)
-    y = self.ctx.batch_norm(train, name="bn")(y)
+      y = _activate(self.activation, y, self.ctx)
+    y = self.ctx.batch_norm(name="bn")(y)
     if not self.activation_first:
-      y = _activate(self.activation, y, ctx)
+      y = _activate(self.activation, y, self.ctx)
     return y
 
 
@@ -211,16 +224,16 @@ class BiRealUnit(nn.Module):
   downsample: str = "option_a"
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array) -> Array:
     if self.downsample not in DOWNSAMPLES:
       raise ValueError(f"BiRealUnit: downsample={self.downsample!r} is not allowed; "
                        f"allowed: {list(DOWNSAMPLES)}")
     y = ConvUnit(self.ctx, self.features, strides=self.strides, activation=None,
-                 name="main")(x, train)
+                 name="main")(x)
     reshape = self.strides != 1 or x.shape[-1] != self.features
     if reshape and self.downsample == "conv":
       shortcut = ConvUnit(self.ctx, self.features, kernel_size=1, strides=self.strides,
-                          binary=False, activation=None, name="downsample")(x, train)
+                          activation=None, name="downsample")(x)
     else:
       shortcut = option_a_shortcut(x, self.features, self.strides)
     return self.ctx.binary_activation(y + shortcut)
@@ -234,11 +247,9 @@ class BiRealBlock(nn.Module):
   downsample: str = "option_a"
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    x = BiRealUnit(self.ctx, self.features, self.strides, self.downsample,
-                   name="unit1")(x, train)
-    return BiRealUnit(self.ctx, self.features, 1, self.downsample,
-                      name="unit2")(x, train)
+  def __call__(self, x: Array) -> Array:
+    x = BiRealUnit(self.ctx, self.features, self.strides, self.downsample, name="unit1")(x)
+    return BiRealUnit(self.ctx, self.features, 1, self.downsample, name="unit2")(x)
 
 
 def stage_plan(widths, blocks_per_stage, strides=(1, 2, 2, 2)):
@@ -259,7 +270,7 @@ class Head(nn.Module):
   norm: bool = True
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array) -> Array:
     if self.pool == "avg":
       x = jnp.mean(x, axis=(1, 2))
     elif self.pool == "flatten":
@@ -267,8 +278,8 @@ class Head(nn.Module):
     else:
       raise ValueError(f"Head: pool={self.pool!r} is not allowed; allowed: ['avg', 'flatten']")
     if self.norm:
-      x = self.ctx.batch_norm(train, name="bn")(x)
-    logits = self.ctx.classifier(self.num_classes, name="fc")(x, train=train)
+      x = self.ctx.batch_norm(name="bn")(x)
+    logits = self.ctx.classifier(self.num_classes, name="fc")(x)
     return logits.astype(jnp.float32)
 
 
@@ -278,7 +289,9 @@ class BinaryNet(nn.Module):
   Attributes:
     num_classes: width of the logits.
     spec: how the binary layers binarize (`BinarySpec`; a spec with the
-      'identity' quantizers is the full-precision twin).
+      'identity' quantizers is the full-precision twin); its `full_precision`
+      rule (default: the class's `FULL_PRECISION`) keeps layers full precision
+      by path.
     dtype: compute dtype (e.g. jnp.bfloat16); parameters stay float32 and
       logits are float32.
     axis_name: the mapped axis over which BatchNorm statistics are averaged
@@ -294,9 +307,11 @@ class BinaryNet(nn.Module):
 
   # Initialisers of the reference code; subclasses override.
   conv_init = staticmethod(kaiming_normal)
-  dense_init = staticmethod(default_kernel_init)
+  dense_init = staticmethod(torch_default_init)
+  # Layers that stay full precision, as path patterns: the first conv and the last fc.
+  FULL_PRECISION: ClassVar[tuple[str, ...]] = ("stem/*", "head/*")
 
-  @property
-  def ctx(self) -> Context:
-    return Context(self.spec, self.dtype, self.axis_name, self.conv_init, self.dense_init,
-                   self.bn_scale_init)
+  def context(self, train: bool) -> Context:
+    """The model's layer factories with the mode bound."""
+    return Context(self.spec, bool(train), self.dtype, self.axis_name, self.conv_init,
+                   self.dense_init, self.bn_scale_init)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import jax
 from flax import linen as nn
 
-from fda_biper_jax.layers import default_kernel_init
 from fda_biper_jax.models.blocks import (BinaryNet, BiRealBlock, ConvUnit, Context, Head,
-                                         option_a_shortcut, stage_plan)
+                                         option_a_shortcut, stage_plan, torch_default_init)
 
 Array = jax.Array
 
@@ -34,9 +33,9 @@ class BasicBlock(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1")(x, train)
-    y = ConvUnit(self.ctx, self.features, activation=None, name="unit2")(y, train)
+  def __call__(self, x: Array) -> Array:
+    y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1")(x)
+    y = ConvUnit(self.ctx, self.features, activation=None, name="unit2")(y)
     return self.ctx.binary_activation(y + option_a_shortcut(x, self.features, self.strides))
 
 
@@ -50,11 +49,11 @@ class ResNet18CIFAR(BinaryNet):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    ctx = self.ctx
-    x = ConvUnit(ctx, 64, binary=False, activation=None, name="stem")(x, train)
+    ctx = self.context(train)
+    x = ConvUnit(ctx, 64, activation=None, name="stem")(x)
     for i, (width, stride) in enumerate(stage_plan((64, 128, 256, 512), (2, 2, 2, 2))):
-      x = BasicBlock(ctx, width, stride, name=f"block{i}")(x, train)
-    return Head(ctx, self.num_classes, name="head")(x, train)
+      x = BasicBlock(ctx, width, stride, name=f"block{i}")(x)
+    return Head(ctx, self.num_classes, name="head")(x)
 
 
 class ResNet20(BinaryNet):
@@ -68,11 +67,11 @@ class ResNet20(BinaryNet):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    ctx = self.ctx
-    x = ConvUnit(ctx, 16, binary=False, name="stem")(x, train)
+    ctx = self.context(train)
+    x = ConvUnit(ctx, 16, activation="hardtanh", name="stem")(x)
     for i, (width, stride) in enumerate(stage_plan((16, 32, 64), (3, 3, 3))):
-      x = BiRealBlock(ctx, width, stride, "option_a", name=f"block{i}")(x, train)
-    return Head(ctx, self.num_classes, name="head")(x, train)
+      x = BiRealBlock(ctx, width, stride, "option_a", name=f"block{i}")(x)
+    return Head(ctx, self.num_classes, name="head")(x)
 
 
 class FDABlock(nn.Module):
@@ -86,11 +85,10 @@ class FDABlock(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array) -> Array:
     unit = dict(activation="prelu", activation_first=True)
-    y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1", **unit)(
-        x, train)
-    y = ConvUnit(self.ctx, self.features, name="unit2", **unit)(y, train)
+    y = ConvUnit(self.ctx, self.features, strides=self.strides, name="unit1", **unit)(x)
+    y = ConvUnit(self.ctx, self.features, name="unit2", **unit)(y)
     return y + option_a_shortcut(x, self.features, self.strides, pool="subsample")
 
 
@@ -108,12 +106,12 @@ class ResNet20FDA(BinaryNet):
   Latent weights use PyTorch's default init (the release initialises binary
   kernels to ones, a placeholder for loading pretrained weights).
   """
-  conv_init = staticmethod(default_kernel_init)
+  conv_init = staticmethod(torch_default_init)
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    ctx = self.ctx
-    x = ConvUnit(ctx, 16, binary=False, activation=None, name="stem")(x, train)
+    ctx = self.context(train)
+    x = ConvUnit(ctx, 16, activation=None, name="stem")(x)
     for i, (width, stride) in enumerate(stage_plan((16, 32, 64), (3, 3, 3))):
-      x = FDABlock(ctx, width, stride, name=f"block{i}")(x, train)
-    return Head(ctx, self.num_classes, norm=False, name="head")(nn.relu(x), train)
+      x = FDABlock(ctx, width, stride, name=f"block{i}")(x)
+    return Head(ctx, self.num_classes, norm=False, name="head")(nn.relu(x))

@@ -32,18 +32,19 @@ Array = jax.Array
 
 
 class ResNetImageNet(BinaryNet):
-  """Bi-Real-layout ImageNet ResNet; subclasses fix `stage_sizes`."""
+  """Bi-Real-layout ImageNet ResNet; subclasses fix `stage_sizes`. The 1x1 downsample
+  convs stay full precision, with the stem and the fc."""
   stage_sizes: ClassVar[tuple[int, ...]] = ()
+  FULL_PRECISION: ClassVar[tuple[str, ...]] = ("stem/*", "head/*", "*/downsample/*")
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    ctx = self.ctx
-    x = ConvUnit(ctx, 64, kernel_size=7, strides=2, binary=False, name="stem")(
-        x, train)
+    ctx = self.context(train)
+    x = ConvUnit(ctx, 64, kernel_size=7, strides=2, activation="hardtanh", name="stem")(x)
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, (width, stride) in enumerate(stage_plan((64, 128, 256, 512), self.stage_sizes)):
-      x = BiRealBlock(ctx, width, stride, "conv", name=f"block{i}")(x, train)
-    return Head(ctx, self.num_classes, name="head")(x, train)
+      x = BiRealBlock(ctx, width, stride, "conv", name=f"block{i}")(x)
+    return Head(ctx, self.num_classes, name="head")(x)
 
 
 class ResNet18(ResNetImageNet):

@@ -20,8 +20,8 @@ class TinyCNN(BinaryNet):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    ctx = self.ctx
-    x = ConvUnit(ctx, 16, binary=False, name="stem")(x, train)
-    x = ConvUnit(ctx, 32, strides=2, name="unit1")(x, train)
-    x = ConvUnit(ctx, 64, strides=2, name="unit2")(x, train)
-    return Head(ctx, self.num_classes, name="head")(x, train)
+    ctx = self.context(train)
+    x = ConvUnit(ctx, 16, activation="hardtanh", name="stem")(x)
+    x = ConvUnit(ctx, 32, strides=2, name="unit1")(x)
+    x = ConvUnit(ctx, 64, strides=2, name="unit2")(x)
+    return Head(ctx, self.num_classes, name="head")(x)

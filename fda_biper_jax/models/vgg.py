@@ -38,9 +38,8 @@ class VGGSmall(BinaryNet):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    ctx = self.ctx
-    x = ConvUnit(ctx, 128, binary=False, name="stem")(x, train)
+    ctx = self.context(train)
+    x = ConvUnit(ctx, 128, activation="hardtanh", name="stem")(x)
     for i, (width, pool) in enumerate(BINARY_CONVS, start=1):
-      x = ConvUnit(ctx, width, pool=pool, name=f"conv{i}")(x, train)
-    return Head(ctx, self.num_classes, pool="flatten", norm=False, name="head")(
-        x, train)
+      x = ConvUnit(ctx, width, pool=pool, name=f"conv{i}")(x)
+    return Head(ctx, self.num_classes, pool="flatten", norm=False, name="head")(x)

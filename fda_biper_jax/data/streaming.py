@@ -19,7 +19,7 @@ Pass the same `data_dir` to `info` and to the batch functions (StreamInfo does n
 hold it). Work is done in tf.data's parallel map (`num_parallel_calls`, default
 AUTOTUNE: tf.data tunes the number of threads, up to the CPU cores; the threads are
 TensorFlow's C++ runtime's, free of the GIL), followed by batching and prefetching;
-TensorFlow is kept off GPUs (`data._import_tfds`), so JAX keeps the accelerator memory.
+TensorFlow is kept off GPUs (`data.import_tfds`), so JAX keeps the accelerator memory.
 
 Throughput (`python -m benchmarks.input_pipeline`, ImageNet-sized JPEGs): about 400
 training and 300 evaluation images per CPU-second on the AMD EPYC cores it was
@@ -82,7 +82,7 @@ first `info('imagenet2012', manual_dir=...)` then prepares the dataset in `data_
 (hours, and about as much disk space again as the 144 GiB of archives); later calls
 only read it. Missing files give a
 one-line `data.DataUnavailableError` naming them. Tests and benchmarks use
-`fda_biper_jax.datasets.synthetic_jpeg` (generated JPEGs) and
+`fda_biper_jax.data.datasets.synthetic_jpeg` (generated JPEGs) and
 `tfds.testing.mock_data` instead.
 """
 
@@ -98,13 +98,13 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from fda_biper_jax import parallel
-from fda_biper_jax.data import (
+from fda_biper_jax.data.memory import (
     DataUnavailableError,
-    _default_data_dir,
-    _import_tfds,
-    _is_prepared,
-    _one_line,
-    _prepare,
+    default_data_dir,
+    import_tfds,
+    is_prepared,
+    one_line,
+    prepare,
 )
 
 __all__ = [
@@ -218,16 +218,16 @@ def _manual_dir(data_dir: str, manual_dir: str | None) -> str:
 def _prepare_stream(tfds, builder, name: str, data_dir: str, manual_dir: str | None) -> None:
   """Prepares `builder` unless it is; one-line DataUnavailableError on failure.
 
-  Datasets tfds downloads go through `data._prepare` (its offline check included).
+  Datasets tfds downloads go through `data.prepare` (its offline check included).
   Manual-download datasets (imagenet2012) are built straight from manual_dir: there is
   nothing to download, so no network check applies, and a failure names the files
   that are missing there and tfds' instructions.
   """
   instructions = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
   if not instructions:
-    _prepare(tfds, builder, name, data_dir, manual_dir)
+    prepare(tfds, builder, name, data_dir, manual_dir)
     return
-  if _is_prepared(builder):
+  if is_prepared(builder):
     return
   # (no prepared copy of a manual-download dataset is on tfds' GCS bucket: don't look)
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
@@ -237,7 +237,7 @@ def _prepare_stream(tfds, builder, name: str, data_dir: str, manual_dir: str | N
     where = _manual_dir(data_dir, manual_dir)
     needed = _MANUAL_FILES.get(builder.name, ())
     missing = [f for f in needed if not os.path.isfile(os.path.join(where, f))]
-    detail = f"{', '.join(missing)} not found there" if missing else _one_line(e)
+    detail = f"{', '.join(missing)} not found there" if missing else one_line(e)
     raise DataUnavailableError(
         f"{name}: not prepared in data_dir={data_dir} and could not be built from "
         f"manual_dir={where} ({detail}); {' '.join(str(instructions).split())}"
@@ -295,14 +295,14 @@ def info(
   image_size = _check_int("image_size", image_size, 1)
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
   manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
-  shown_dir = _default_data_dir(data_dir)
-  tfds = _import_tfds()
-  from fda_biper_jax.datasets import synthetic_jpeg  # noqa: F401, PLC0415  (registers it)
+  shown_dir = default_data_dir(data_dir)
+  tfds = import_tfds()
+  from fda_biper_jax.data.datasets import synthetic_jpeg  # noqa: F401, PLC0415  (registers it)
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # noqa: BLE001  (unknown name or config)
-    raise ValueError(f"{name}: not a usable tfds dataset ({_one_line(e)})") from e
+    raise ValueError(f"{name}: not a usable tfds dataset ({one_line(e)})") from e
   _, label = _check_features(tfds, builder, name)  # before any (long) preparation
   _prepare_stream(tfds, builder, name, shown_dir, manual_dir)
   sizes = _split_sizes(builder)
@@ -448,7 +448,7 @@ def _options(tf):
 def _open(tfds, info: StreamInfo, split, data_dir, read_config, shuffle_files: bool):
   """Raw examples (image bytes not decoded) of `split`; one-line error if unreadable."""
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
-  from fda_biper_jax.datasets import synthetic_jpeg  # noqa: F401, PLC0415  (registers it)
+  from fda_biper_jax.data.datasets import synthetic_jpeg  # noqa: F401, PLC0415  (registers it)
 
   try:
     builder = tfds.builder(info.name, data_dir=data_dir)
@@ -460,8 +460,8 @@ def _open(tfds, info: StreamInfo, split, data_dir, read_config, shuffle_files: b
     )
   except Exception as e:  # noqa: BLE001  (not prepared there, unreadable files)
     raise DataUnavailableError(
-        f"{info.name}: could not read split {split} from data_dir={_default_data_dir(data_dir)} "
-        f"({_one_line(e)}); call streaming.info with this data_dir first"
+        f"{info.name}: could not read split {split} from data_dir={default_data_dir(data_dir)} "
+        f"({one_line(e)}); call streaming.info with this data_dir first"
     ) from e
 
 
@@ -484,7 +484,7 @@ def _train_dataset(
   Keys 'image' and 'label'; with_ids adds 'position' (the example's index in this
   host's epoch) and 'id' (the dataset's own 'id' feature, where it has one).
   """
-  tfds = _import_tfds()
+  tfds = import_tfds()
   import tensorflow as tf  # noqa: PLC0415
 
   size = info.image_size
@@ -536,7 +536,7 @@ def _eval_dataset(
   Keys 'image', 'label', 'mask'; with_ids adds 'id' (-1 for padding) where the dataset
   has an 'id' feature.
   """
-  tfds = _import_tfds()
+  tfds = import_tfds()
   import tensorflow as tf  # noqa: PLC0415
 
   size = info.image_size

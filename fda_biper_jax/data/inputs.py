@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fda_biper_jax import data as data_lib
+from fda_biper_jax.data import memory as data_lib
 from fda_biper_jax import parallel
 
 INPUTS = ("memory", "stream")
@@ -163,7 +163,7 @@ class Streamed:
 
   def __init__(self, config, mesh, data_key: jax.Array, train: bool = True):
     del train  # nothing is read before the first batch is asked for
-    from fda_biper_jax import streaming  # noqa: PLC0415  (imports TensorFlow)
+    from fda_biper_jax.data import streaming  # noqa: PLC0415  (imports TensorFlow)
 
     self.streaming, self.mesh = streaming, mesh
     procs = jax.process_count()

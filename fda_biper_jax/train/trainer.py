@@ -12,7 +12,7 @@ One training step (`make_train_step`), jitted once for the whole run:
    flip and normalisation, with a key derived from (seed, step); JAX's
    partitionable PRNG makes these values independent of the device count);
 2. per device (`jax.shard_map` over parallel.AXIS, pmap semantics): the
-   model in training mode inside `schedules.training_step(state.step, ...)`
+   model in training mode inside `methods.training_step(state.step, ...)`
    (every scheduled method parameter follows the traced step), cross-entropy
    plus the methods' weighted regularisers (BiPer's sin^2 term), the
    gradient of `pmean(loss)` (the mean over devices), the optax update, and
@@ -45,15 +45,12 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fda_biper_jax import analysis
-from fda_biper_jax import checkpoints as ckpt_lib
+from fda_biper_jax import analysis, methods, models, parallel, trace
 from fda_biper_jax import data as data_lib
-from fda_biper_jax import inputs
-from fda_biper_jax import methods
-from fda_biper_jax import models
-from fda_biper_jax import parallel
-from fda_biper_jax import schedules as schedules_lib
-from fda_biper_jax import trace
+from fda_biper_jax.data import inputs
+from fda_biper_jax.train import checkpoints as ckpt_lib
+from fda_biper_jax.train import runs
+from fda_biper_jax.train import schedules as schedules_lib
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +205,7 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
   `preprocess(key, images)` (the source's augmentation and normalisation) runs
   on the global batch inside the step, with the key folded with the step.
 
-  The model runs inside `schedules.training_step(state.step, total_steps,
+  The model runs inside `methods.training_step(state.step, total_steps,
   steps_per_epoch)`, so every scheduled method parameter follows the traced
   step; the metrics carry the learning rate, the scheduled values of
   `quantizers` ({label: quantizer}, e.g. `trace.quantizers(model, shape)`),
@@ -217,7 +214,7 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
   quantizers = dict(quantizers or {})
 
   def per_device(state: TrainState, x, y):
-    with schedules_lib.training_step(state.step, total_steps, steps_per_epoch) as progress:
+    with methods.training_step(state.step, total_steps, steps_per_epoch) as progress:
       def loss_fn(params):
         logits, mut = model.apply(
             {"params": params, "batch_stats": state.batch_stats}, x, train=True,
@@ -253,12 +250,12 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
 
 
 def make_eval_step(model, mesh, preprocess):
-  """Returns eval(state, images, labels, mask) -> {'correct', 'loss_sum', 'count'};
-  `preprocess(images)` is the input source's evaluation transform."""
+  """Returns eval(variables, images, labels, mask) -> {'correct', 'loss_sum', 'count'};
+  `variables` are {'params', 'batch_stats'}; `preprocess(images)` is the input source's
+  evaluation transform."""
 
-  def per_device(state, x, y, mask):
-    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                         preprocess(x), train=False)
+  def per_device(variables, x, y, mask):
+    logits = model.apply(variables, preprocess(x), train=False)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
     return {"correct": lax.psum(jnp.sum((jnp.argmax(logits, -1) == y) * mask), parallel.AXIS),
             "loss_sum": lax.psum(jnp.sum(ce * mask), parallel.AXIS),
@@ -269,12 +266,16 @@ def make_eval_step(model, mesh, preprocess):
       out_specs=P())
 
 
-def evaluate(eval_step, state, batches) -> dict[str, float]:
+def variables_of(state: TrainState) -> dict[str, Any]:
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def evaluate(eval_step, variables, batches) -> dict[str, float]:
   """Accuracy and mean loss over global (images, labels, mask) batches, such as
   an input source's `eval_batches()` (the whole split, padding masked out)."""
   totals = None
   for batch in batches:
-    out = eval_step(state, *batch)
+    out = eval_step(variables, *batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   return {"accuracy": float(totals["correct"] / totals["count"]),
@@ -301,6 +302,25 @@ class RunLog:
         self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
       except ImportError:
         log.warning("TensorBoard is not installed: metrics go to metrics.jsonl only")
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps the records of steps <= step (a resumed run logs the later ones again) and
+    drops a line a killed run left half-written."""
+    if jax.process_index() != 0 or not os.path.exists(self.path):
+      return
+    kept = []
+    with open(self.path) as f:
+      for line in f:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{self.path}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def write(self, record: dict[str, Any]) -> None:
     if jax.process_index() != 0:
@@ -357,22 +377,24 @@ class LayerLog:
             "layers": stats}
 
 
-def _meta(config, model) -> dict[str, Any]:
-  return {"model": models.config(model), "config": json.loads(config.to_json_best_effort())}
+def _meta(config, model, input_shape) -> dict[str, Any]:
+  return {"model": models.config(model), "input_shape": [int(d) for d in input_shape],
+          "config": json.loads(config.to_json_best_effort())}
 
 
-def _init_from_stage(state: TrainState, workdir: str) -> TrainState:
+def init_from_stage(state: TrainState, workdir: str) -> TrainState:
   """Stage 2 of a two-stage recipe: params and BN statistics of the previous
   stage's best checkpoint (its latest if it kept no best), fresh optimizer."""
-  prev = ckpt_lib.Checkpoints(workdir)
-  found = prev.restore_best(state) or prev.restore_latest(state)
-  prev.close()
-  if found is None:
-    _fail(f"init_from={workdir!r} holds no checkpoint to start from")
-  _, restored, meta = found
-  log.info("initialised from %s (step %s, model %s)", workdir, int(restored.step),
-           meta["model"]["name"])
-  return state.replace(params=restored.params, batch_stats=restored.batch_stats)
+  try:
+    run = runs.restore(workdir, "best")
+  except ValueError:
+    try:
+      run = runs.restore(workdir, "latest")
+    except ValueError:
+      _fail(f"init_from={workdir!r} holds no checkpoint to start from")
+  log.info("initialised from %s (step %s, model %s)", workdir, run.step,
+           run.meta["model"]["name"])
+  return state.replace(params=run.variables["params"], batch_stats=run.variables["batch_stats"])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -386,12 +408,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # A missing dataset fails here, before any file is written.
   source = inputs.create(config, mesh, data_key, train=not config.eval_only)
 
+  if config.eval_only:
+    return _evaluate_only(workdir, mesh, source)
+
   os.makedirs(workdir, exist_ok=True)
   ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
   runlog = RunLog(workdir, config.tensorboard)
-
-  if config.eval_only:
-    return _evaluate_only(workdir, ckpts, mesh, source, runlog)
 
   steps_per_epoch = source.steps_per_epoch
   model = create_model(config, source.num_classes, axis_name=parallel.AXIS)
@@ -399,12 +421,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = make_optimizer(config, lr)
   state = create_state(model, tx, init_key, source.image_shape)
   if config.init_from:
-    state = _init_from_stage(state, config.init_from)
-  meta = _meta(config, model)
+    state = init_from_stage(state, config.init_from)
+  meta = _meta(config, model, source.image_shape)
 
   restored = ckpts.restore_latest(state)
   if restored is not None:
     step0, state, _ = restored
+    runlog.truncate_after(step0)  # the steps after the checkpoint are taken again
     runlog.say(f"resuming from step {step0} in {workdir}")
   state = parallel.replicate(state, mesh)
 
@@ -470,7 +493,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     epoch_end = step % steps_per_epoch == 0
     if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total:
       flush_metrics()
-      ev = evaluate(eval_step, state, source.eval_batches())
+      ev = evaluate(eval_step, variables_of(state), source.eval_batches())
       last_eval = ev["accuracy"]
       runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
       if layer_log is not None and layer_log.layers:
@@ -495,22 +518,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _evaluate_only(workdir, ckpts, mesh, source, runlog):
+def _evaluate_only(workdir, mesh, source):
   """Evaluates the latest readable checkpoint with the settings saved in it."""
-  meta = ckpts.read_meta()
-  if meta is None:
-    ckpts.close()
-    _fail(f"eval_only: no checkpoint in {os.path.join(workdir, 'checkpoints')}")
-  model = models.from_config(meta["model"], axis_name=parallel.AXIS)
-  saved = ml_collections.ConfigDict(meta["config"])
-  # The optimizer state's structure (for the restore template) needs a schedule,
-  # not its length.
-  template = create_state(model, make_optimizer(saved, learning_rate(saved, 1)),
-                          jax.random.key(0), source.image_shape)
-  step, state, _ = ckpts.restore_latest(template)
-  ckpts.close()
-  ev = evaluate(make_eval_step(model, mesh, source.eval_preprocess),
-                parallel.replicate(state, mesh), source.eval_batches())
-  runlog.say(f"eval of {meta['model']['name']} at step {step} ({workdir}): "
+  try:
+    run = runs.restore(workdir, axis_name=parallel.AXIS)
+  except ValueError as e:
+    _fail(f"eval_only: {e}")
+  ev = evaluate(make_eval_step(run.model, mesh, source.eval_preprocess),
+                parallel.replicate(dict(run.variables), mesh), source.eval_batches())
+  RunLog.say(f"eval of {run.meta['model']['name']} at step {run.step} ({workdir}): "
              f"accuracy {100 * ev['accuracy']:.2f}%, loss {ev['loss']:.4f}")
-  return {"workdir": workdir, "step": step, "model": meta["model"], **ev}
+  return {"workdir": workdir, "step": run.step, "model": run.meta["model"], **ev}

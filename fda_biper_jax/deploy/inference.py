@@ -1,6 +1,6 @@
 """Inference on packed binary operands: XNOR-popcount convolutions and dense layers.
 
-The deployed forward of a network exported by `fda_biper_jax.export`, in the
+The deployed forward of a network exported by `fda_biper_jax.deploy.export`, in the
 manner of XNOR-Net (Rastegari et al., ECCV 2016) and of the BNN inference
 engines (daBNN, Larq Compute Engine): the +-1 kernel and the +-1 input of a
 binary layer are stored 32 to a uint32 and their dot products computed with
@@ -51,7 +51,8 @@ architecture is written twice, and every model of the zoo deploys as it is.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+import dataclasses
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,13 +60,12 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from fda_biper_jax.layers import BinaryConv, BinaryDense, deployed_input, resolve
+from fda_biper_jax.deploy import packed as packed_lib
+from fda_biper_jax.deploy.packed import WORD_BITS, Packed, num_words
+from fda_biper_jax.nn.linen import BinaryConv, BinaryDense, deployed_input
 
-if TYPE_CHECKING:
-  from fda_biper_jax.export import Packed
 
 Array = jax.Array
-WORD_BITS = 32
 BLOCK = 64  # output channels per step of the popcount loop
 GROUP = 32  # words per step of the popcount loop
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -74,11 +74,6 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 # --------------------------------------------------------------------------
 # Bits
 # --------------------------------------------------------------------------
-
-
-def num_words(length: int) -> int:
-  """uint32 words that hold `length` bits."""
-  return -(-length // WORD_BITS)
 
 
 def pack_bits(bits, axis: int = -1):
@@ -233,12 +228,19 @@ def binary_dense(bits: Array, kernel: Array) -> Array:
   return xnor_dot(pack_bits(bits), kernel, k)
 
 
-def _conv_padding(module: BinaryConv, in_hw: Sequence[int]) -> Padding:
-  """The explicit ((top, bottom), (left, right)) padding of a BinaryConv."""
-  if isinstance(module.padding, str):
-    return tuple(lax.padtype_to_pads(tuple(in_hw), tuple(module.kernel_size),
-                                     tuple(module.strides), module.padding))
-  return ((module.padding,) * 2,) * 2
+def _explicit(geometry, in_hw: Sequence[int]) -> Padding:
+  """The explicit ((top, bottom), (left, right)) zero padding of a 2-D conv."""
+  if isinstance(geometry.padding, str):
+    return tuple(lax.padtype_to_pads(tuple(in_hw), geometry.kernel_size, geometry.strides,
+                                     geometry.padding))
+  return tuple(tuple(p) for p in geometry.padding)
+
+
+def _popcount_conv(geometry) -> bool:
+  """Whether the xor-popcount conv computes this geometry: 2-D, undilated, ungrouped,
+  zero padded (the others unpack the kernel to +-1 floats: also exact)."""
+  return (geometry.rank == 2 and geometry.input_dilation == (1, 1)
+          and geometry.kernel_dilation == (1, 1) and geometry.groups == 1)
 
 
 def packed_layer(module: BinaryConv | BinaryDense, x: Array, operands: Mapping[str, Array],
@@ -248,33 +250,38 @@ def packed_layer(module: BinaryConv | BinaryDense, x: Array, operands: Mapping[s
   operands: 'kernel' (packed uint32 [Cout, Kw]), 'scale', 'bias' (float32
   [Cout]), 'input_aux' (the input quantizer's learned arrays, or None);
   layer: its header entry. A binary input quantizer takes the
-  xor-popcount path, any other input the +-1 kernel in float.
+  xor-popcount path where it applies, any other input (or conv geometry) the
+  +-1 kernel in float.
   """
+  s = module.settings()
   conv = isinstance(module, BinaryConv)
-  shape = ((*module.kernel_size, x.shape[-1], module.features) if conv
+  dtype = module.dtype or x.dtype
+  g = None
+  if conv:
+    g = module.geometry(x.shape)
+    x = g.flatten(x)
+  x = x.astype(dtype)
+  shape = (g.kernel_shape(x.shape[-1], module.features) if conv
            else (x.shape[-1], module.features))
   if tuple(layer["kernel_shape"]) != shape:
     raise ValueError(f"layer {path}: the exported kernel shape {tuple(layer['kernel_shape'])} "
                      f"does not fit the model, which needs {shape}")
-  dtype = module.dtype or x.dtype
-  x = x.astype(dtype)
-  qi = resolve(module.input_quantizer)
+  qi = s.input_quantizer
   kernel = operands["kernel"]
-  aux = operands.get("input_aux")
-  padding = _conv_padding(module, x.shape[1:3]) if conv else None
-  if qi is not None and qi.is_binary:
-    bits = deployed_input(qi, x, aux, module.prenorm) < 0
-    dot = (binary_conv(bits, kernel, module.kernel_size, module.strides, padding) if conv
-           else binary_dense(bits, kernel))
+  xq = x if qi is None else deployed_input(qi, x, operands.get("input_aux"), s.prenorm)
+  if conv:
+    xq, padding = g.pad(xq)
+    g = dataclasses.replace(g, padding=padding)
+  if s.binary_input and (not conv or _popcount_conv(g)):
+    bits = xq < 0
+    dot = (binary_conv(bits, kernel, g.kernel_size, g.strides, _explicit(g, xq.shape[1:3]))
+           if conv else binary_dense(bits, kernel))
   else:
-    xq = x if qi is None else deployed_input(qi, x, aux, module.prenorm)
     k = int(np.prod(shape[:-1]))
     w = (1 - 2 * unpack_bits(kernel, k).astype(dtype)).T.reshape(shape)
-    dot = (lax.conv_general_dilated(xq, w, tuple(module.strides), padding,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC")) if conv
-           else jnp.dot(xq, w))
-  y = dot.astype(jnp.float32) * operands["scale"] + operands["bias"]
-  return y.astype(dtype)
+    dot = g.conv(lax.conv_general_dilated, xq, w) if conv else jnp.dot(xq, w)
+  y = (dot.astype(jnp.float32) * operands["scale"] + operands["bias"]).astype(dtype)
+  return g.unflatten(y) if conv else y
 
 
 # --------------------------------------------------------------------------
@@ -297,7 +304,7 @@ class Predictor:
   amplify, as they do between the model's own bfloat16 and float32 runs.
   """
 
-  def __init__(self, packed: "Packed"):
+  def __init__(self, packed: Packed):
     self.model = packed.model()
     self.layers = packed.header["layers"]
     self.folded = frozenset(e["folded_bn"] for e in self.layers.values() if e["folded_bn"])
@@ -345,3 +352,11 @@ class Predictor:
     if missing:
       raise ValueError(f"the exported layers {sorted(missing)} are not in {name}")
     return out
+
+
+def load(path: str) -> Packed:
+  """Reads a packed file and checks it whole: its structure (`packed.load`) and that
+  its arrays fit its model (`Predictor.check`); one ValueError otherwise."""
+  packed = packed_lib.load(path)
+  Predictor(packed).check(packed.header["input_shape"])
+  return packed

@@ -1,4 +1,4 @@
-"""Values that follow training: schedule shapes, the training step, the learning rate.
+"""Method parameters that follow training: schedule shapes and the training step.
 
 A method parameter that may follow a schedule (FDA's `n_terms`, BNN++'s
 `beta`, ...) is written in the quantizer's own config either as a plain
@@ -39,7 +39,6 @@ from typing import Any, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 SHAPES = ("linear", "cosine", "quarter_cosine", "geometric", "stepwise")
 PER = ("step", "epoch")
@@ -185,32 +184,3 @@ def at(schedule: Schedule | Mapping, step: int, total_steps: int,
   """The schedule's value at a concrete step (for plots and tests)."""
   s = parse(schedule)
   return float(np.asarray(s(Progress(step, total_steps, steps_per_epoch or total_steps))))
-
-
-# --------------------------------------------------------------------------
-# The learning rate
-# --------------------------------------------------------------------------
-
-DECAYS = ("cosine", "constant", "one_cycle")
-
-
-def learning_rate(peak: float, total_steps: int, warmup_steps: int = 0,
-                  decay: str = "cosine") -> optax.Schedule:
-  """The learning rate per step.
-
-  'cosine': linear warm-up from 0 over `warmup_steps`, then cosine decay to
-  0 at `total_steps`; 'constant': the peak throughout; 'one_cycle': optax's
-  one-cycle (cosine up from peak/25 for 30% of training, or for
-  `warmup_steps` if given, then cosine down to peak/1e4).
-  """
-  if decay == "constant":
-    return optax.constant_schedule(peak)
-  if decay == "one_cycle":
-    pct = warmup_steps / total_steps if warmup_steps else 0.3
-    return optax.cosine_onecycle_schedule(max(total_steps, 1), peak,
-                                          pct_start=min(max(pct, 1e-6), 0.99))
-  if decay != "cosine":
-    raise ValueError(f"lr decay={decay!r} is not allowed; allowed: {list(DECAYS)}")
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps,
-      decay_steps=max(total_steps, warmup_steps + 1), end_value=0.0)

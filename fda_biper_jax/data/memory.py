@@ -37,7 +37,7 @@ Debian's package `dataset-fashion-mnist` installs the real Fashion-MNIST IDX fil
 in /usr/share/datasets/fashion-mnist, but recompressed, so the gzip checksums tfds
 registered for `fashion_mnist` do not match and tfds rightly rejects them.
 Checksum verification is NOT disabled; instead the local tfds builder
-`fashion_mnist_local` (`fda_biper_jax.datasets.fashion_mnist_local`, a
+`fashion_mnist_local` (`fda_biper_jax.data.datasets.fashion_mnist_local`, a
 `GeneratorBasedBuilder` with the same features, splits and supervised keys as
 `fashion_mnist`) reads the IDX files from `manual_dir`, verifies the SHA-256 of
 their DECODED bytes and the shapes in their headers against hard-coded values, and
@@ -77,7 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fda_biper_jax.datasets import sources
+from fda_biper_jax.data.datasets import sources
 
 __all__ = [
     "DATASETS",
@@ -167,13 +167,13 @@ class DataUnavailableError(ValueError):
 # ----------------------------------------------------------------------------- loading
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
   text = " ".join(str(e).split()) or type(e).__name__
   text = text if len(text) <= limit else text[: limit - 3] + "..."
   return f"{type(e).__name__}: {text}"
 
 
-def _import_tfds():
+def import_tfds():
   """tfds, with TensorFlow (if importable) kept off any GPU so JAX keeps its memory."""
   try:
     import tensorflow as tf  # noqa: PLC0415
@@ -189,7 +189,7 @@ def _import_tfds():
   return tfds
 
 
-def _default_data_dir(data_dir: str | None) -> str:
+def default_data_dir(data_dir: str | None) -> str:
   if data_dir is not None:
     return os.fspath(data_dir)
   return os.environ.get(
@@ -197,7 +197,7 @@ def _default_data_dir(data_dir: str | None) -> str:
   )
 
 
-_PROXY_VARS = ("https_proxy", "http_proxy", "all_proxy", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+PROXY_VARS = ("https_proxy", "http_proxy", "all_proxy", "HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
 _TFDS_GCS_HOST = "storage.googleapis.com"  # tfds also tries its prepared copies there
 
 
@@ -226,7 +226,7 @@ def _builder_urls(builder) -> dict[str, str]:
 def _offline_reason(urls: dict[str, str], manual_dir: str | None) -> str | None:
   """A short reason when downloading the sources `urls` ({URL: file name}) cannot
   possibly work: some file is not in manual_dir and no source host resolves."""
-  if any(os.environ.get(v) for v in _PROXY_VARS):
+  if any(os.environ.get(v) for v in PROXY_VARS):
     return None  # the proxy resolves names; let tfds try
   if not urls:
     return None  # nothing known about the sources; let tfds decide
@@ -298,7 +298,7 @@ def check_obtainable(
     return
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
   manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
-  shown_dir = _default_data_dir(data_dir)
+  shown_dir = default_data_dir(data_dir)
   builders = [name] + (["fashion_mnist_local"] if name == "fashion_mnist" else [])
   if any(glob.glob(os.path.join(shown_dir, b, "**", "dataset_info.json"), recursive=True)
          for b in builders):
@@ -314,14 +314,14 @@ def check_obtainable(
     raise _unavailable(name, shown_dir, reason, urls, manual_dir)
 
 
-def _is_prepared(builder) -> bool:
+def is_prepared(builder) -> bool:
   # (checking the folder first avoids tfds' warning about a missing variant folder)
   return builder.data_path.exists() and builder.is_prepared()
 
 
-def _prepare(tfds, builder, name: str, data_dir: str, manual_dir: str | None) -> None:
+def prepare(tfds, builder, name: str, data_dir: str, manual_dir: str | None) -> None:
   """download_and_prepare `builder` unless prepared; one-line ValueError on failure."""
-  if _is_prepared(builder):
+  if is_prepared(builder):
     return
   local = builder.name == "fashion_mnist_local"
   if not local:
@@ -338,7 +338,7 @@ def _prepare(tfds, builder, name: str, data_dir: str, manual_dir: str | None) ->
       hint = _how_to_provide(name, _builder_urls(builder), manual_dir)
     detail = " ".join(str(e).split())
     if hint not in detail:
-      detail = _one_line(e)
+      detail = one_line(e)
     message = (
         f"{name}: could not {'build' if local else 'download/prepare'} {builder.name} "
         f"into data_dir={data_dir} ({detail})"
@@ -358,13 +358,13 @@ def _sha256_file(path: str) -> str:
 
 def _fashion_mnist_builder(tfds, data_dir: str | None, manual_dir: str | None):
   """(builder, manual_dir) to use for fashion_mnist; see the module docstring."""
-  from fda_biper_jax.datasets import fashion_mnist_local as fml  # noqa: PLC0415 (registers it)
+  from fda_biper_jax.data.datasets import fashion_mnist_local as fml  # noqa: PLC0415 (registers it)
 
   official = tfds.builder("fashion_mnist", data_dir=data_dir)
-  if _is_prepared(official):
+  if is_prepared(official):
     return official, manual_dir
   local = fml.FashionMnistLocal(data_dir=data_dir)
-  if _is_prepared(local):
+  if is_prepared(local):
     return local, manual_dir
   if manual_dir is None and os.path.isdir(FASHION_MNIST_DEBIAN_DIR):
     manual_dir = FASHION_MNIST_DEBIAN_DIR
@@ -416,14 +416,14 @@ def load(
   # '' means unset (as config files often write it).
   data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
   manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
-  tfds = _import_tfds()
-  shown_dir = _default_data_dir(data_dir)
+  tfds = import_tfds()
+  shown_dir = default_data_dir(data_dir)
 
   if name == "fashion_mnist":
     builder, manual_dir = _fashion_mnist_builder(tfds, data_dir, manual_dir)
   else:
     builder = tfds.builder(name, data_dir=data_dir)
-  _prepare(tfds, builder, name, shown_dir, manual_dir)
+  prepare(tfds, builder, name, shown_dir, manual_dir)
 
   read_split: Any = split
   if process_count > 1:
@@ -437,7 +437,7 @@ def load(
     batches = list(tfds.as_numpy(dataset))
   except Exception as e:  # noqa: BLE001
     raise DataUnavailableError(
-        f"{name}: could not read split {split!r} from " f"data_dir={shown_dir} ({_one_line(e)})"
+        f"{name}: could not read split {split!r} from " f"data_dir={shown_dir} ({one_line(e)})"
     ) from e
   if batches:
     images = np.concatenate([b[0] for b in batches]).astype(np.uint8, copy=False)
@@ -518,7 +518,7 @@ def epoch_permutation(rng: jax.Array, n: int, batch_size: int) -> jax.Array:
 # ----------------------------------------------------------------------------- synthetic
 
 
-def _linear_upsample(n_out: int, n_in: int) -> np.ndarray:
+def linear_upsample(n_out: int, n_in: int) -> np.ndarray:
   """[n_out, n_in] linear interpolation weights, sample points symmetric about the centre."""
   pos = np.linspace(0.0, n_in - 1.0, n_out)
   lo = np.clip(np.floor(pos).astype(int), 0, max(n_in - 2, 0))
@@ -556,7 +556,7 @@ def synthetic(
   rng = np.random.default_rng(seed)
   grid = rng.uniform(24.0, 232.0, size=(num_classes, 4, 4, c))
   grid[:, :, 2:, :] = grid[:, :, 1::-1, :]  # left-right symmetric
-  templates = np.einsum("hi,kijc,wj->khwc", _linear_upsample(h, 4), grid, _linear_upsample(w, 4))
+  templates = np.einsum("hi,kijc,wj->khwc", linear_upsample(h, 4), grid, linear_upsample(w, 4))
 
   def make(n: int) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)

@@ -33,7 +33,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fda_biper_jax.data import _linear_upsample
+from fda_biper_jax.data.memory import linear_upsample
 
 NAME = "synthetic_jpeg"
 _NOISE_STD = 16.0  # per-pixel noise, grey levels
@@ -122,8 +122,8 @@ def class_templates(num_classes: int, seed: int) -> np.ndarray:
 
 def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
   """[gh, gw, C] -> [h, w, C] float32, bilinear (two small matrix products)."""
-  rows = _linear_upsample(h, grid.shape[0]).astype(np.float32)
-  cols = _linear_upsample(w, grid.shape[1]).astype(np.float32)
+  rows = linear_upsample(h, grid.shape[0]).astype(np.float32)
+  cols = linear_upsample(w, grid.shape[1]).astype(np.float32)
   tall = np.tensordot(rows, grid.astype(np.float32), axes=(1, 0))  # [h, gw, C]
   return np.einsum("wj,hjc->hwc", cols, tall, optimize=True)
 

@@ -23,7 +23,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fda_biper_jax.datasets import idx, sources
+from fda_biper_jax.data.datasets import idx, sources
 
 #: Where Debian's `dataset-fashion-mnist` package puts the files.
 DEBIAN_DIR = sources.FASHION_MNIST_DEBIAN_DIR
