@@ -29,13 +29,10 @@ it was measured on) a vector popcount takes several byte-shuffle
 instructions, while the float path calls a tuned convolution library. The packed path also pays, per
 layer and call, the sign and bit packing of its input, im2col on the packed
 words, the padding correction, and the int -> float scale and bias. These
-fixed costs dominate narrow layers: on the 2-core CPU of this project's
-tests the packed ResNet-20 (16-64 channels, K = 144-576, and at 16 channels
-half of every word is padding) is slower than the float path at batch 256,
-while ResNet-18 and VGG-Small (64-512 channels) run about 2x faster, and at
-batch 1, where XLA's float convolutions are far from peak, every model runs
-faster packed. No GPU was available when this was measured; the GPU rows,
-where there is one, time the same two XLA programs.
+fixed costs dominate narrow layers (ResNet-20's 16-64 channels, where at 16
+channels half of every word is padding); wide layers and batch 1 favour the
+packed path. The GPU rows, where there is one, time the same two XLA
+programs. Measurements, with dates: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations

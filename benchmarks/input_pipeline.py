@@ -36,17 +36,7 @@ quantizers add elementwise work. --target (default 5,000) is that estimate, not 
 measurement (no GPU was available when this was written; `benchmarks/train_step.py`
 measures the step on one).
 
-Findings (2026-11-23, AMD EPYC, 2 cores, TensorFlow 2.21, 512 / 256 images of
-348 x 401 px on average, 92 KB, batch 64; `--num_images 512 --num_eval_images 256
---batch_size 64`): training 390-430 images per CPU-second (770-860 images/s on the
-2 cores, both busy), evaluation 280-300 (it decodes and resizes whole images, where
-training decodes only the crop window). bfloat16 output costs no more CPU than
-float32 (about 10% less here) and halves the bytes per batch. So 5,000 images/s take
-about 12-13 cores for training: a one-H100 machine with 16 cores can feed a ResNet-18
-only if the trainer's own host work leaves the cores to the pipeline, a DGX H100 (112
-cores for 8 GPUs, 14 each) is near that limit, and a faster model or slower cores are
-input-bound. Evaluation, 50,000 images at about 280 per core-second, takes about 11 s
-on 16 cores.
+Measurements, with dates: benchmarks/NOTES.md.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ quantization settings in its own workdir under --workdir through
 `train.train_and_evaluate`; --imports=mypkg.methods imports modules that
 register a user's own methods first, which are then swept like the built-in ones,
 so a rerun resumes where it stopped. The markdown table, with machine and
-date, is printed and written to --workdir/results.md, the numbers to
+date, is printed and written to results.md in --workdir, the numbers to
 results.json.
 """
 

@@ -7,14 +7,14 @@ axis (`nn.BatchNorm(axis_name=AXIS)`), exactly as under `jax.pmap`. JAX now
 implements pmap as jit(shard_map) and recommends shard_map directly; this
 module wraps it once so the trainer, tests and benchmarks share it.
 
-Two traps of shard_map handled here (see the project's jax_stack notes):
+Two traps of shard_map handled here:
 
 1. `jax.make_mesh` defaults to Explicit axes, with which an unsharded input to
    `in_specs=P(AXIS)` raises: the mesh is built with Auto axes.
 2. With `check_vma=True`, the gradient of a per-device loss with respect to
    replicated parameters comes back already summed over the axis, and a
    further pmean would leave it N times too large. The step therefore
-   differentiates `pmean(local_loss)` (see `train.py`), which yields the
+   differentiates `pmean(local_loss)` (`train.trainer`), which yields the
    mean gradient directly; a test compares 1 against 8 devices.
 """
 

@@ -145,3 +145,19 @@ def test_input_pipeline_benchmark_writes_table_and_json(tmp_path, capsys):
       ["| train", "float32"], ["| train", "bfloat16"], ["| eval", "float32"],
       ["| eval", "bfloat16"]]
   assert all(line.count("|") == columns for line in body)
+
+
+def test_compare_revisions_times_two_versions_in_one_process(tmp_path, capsys):
+  """HEAD against the working tree, on tiny_cnn: both steps build and are timed."""
+  from benchmarks import compare_revisions  # noqa: PLC0415
+  path = tmp_path / "compare.json"
+  argv = ["--base", "HEAD", "--models", "tiny_cnn", "--quantizers", "biper",
+          "--batch_size", "16", "--repeats", "2", "--window_steps", "1", "--json", str(path)]
+  assert compare_revisions.main(argv) == 0
+  (row,) = json.loads(path.read_text())["rows"]
+  assert row["model"] == "tiny_cnn" and row["quantizer"] == "biper"
+  assert row["base_wall_ms"] > 0 and row["current_wall_ms"] > 0 and len(row["wall_ratios"]) == 2
+  assert row["base"]["xla_flops_per_step"] > 0 and row["current"]["xla_flops_per_step"] > 0
+  assert "| tiny_cnn | biper |" in capsys.readouterr().out
+  assert compare_revisions.main(["--base", "no-such-revision", "--models", "tiny_cnn"]) == 2
+  assert "--base='no-such-revision': git archive failed" in capsys.readouterr().err

@@ -170,6 +170,11 @@ def test_kill_9_loses_at_most_n_steps_and_resumes_exactly(tmp_path):
   resumed = train.train_and_evaluate(tiny_config(**overrides), wd)
   ref = train.train_and_evaluate(tiny_config(**overrides), str(tmp_path / "uninterrupted"))
   jax.tree.map(np.testing.assert_array_equal, params_of(ref), params_of(resumed))
+  # metrics.jsonl holds each step once, as the uninterrupted run's does
+  for kind in ("train", "eval"):
+    steps = [r["step"] for r in records(wd, kind)]
+    assert steps == [r["step"] for r in records(str(tmp_path / "uninterrupted"), kind)]
+    assert steps == sorted(set(steps))
 
 
 def test_scheduled_values_follow_the_step_and_never_recompile_it():
@@ -304,7 +309,7 @@ def test_config_errors_stop_fast_before_writing(tmp_path, override, match):
 
 _MISSING_DATA = """
 import sys, time
-from fda_biper_jax import train
+from fda_biper_jax.train import train_and_evaluate  # the trainer loads here, not in the timing
 from fda_biper_jax.data import memory
 from experiments.configs import tiny
 memory._resolves = lambda host, timeout=5.0: False  # no network, whatever this machine has
@@ -312,7 +317,7 @@ c = tiny.get_config()
 c.dataset, c.data_dir, c.manual_dir = "cifar10", sys.argv[1], sys.argv[2]
 t = time.perf_counter()
 try:
-  train.train_and_evaluate(c, sys.argv[3])
+  train_and_evaluate(c, sys.argv[3])
 except ValueError as e:
   print(f"{time.perf_counter() - t:.3f}", "tensorflow" in sys.modules)
   print(e)

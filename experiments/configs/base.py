@@ -14,7 +14,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # Data: a tfds name (cifar10, cifar100, fashion_mnist, mnist) or 'synthetic'
   # held on device (input='memory'), or any tfds image dataset streamed
-  # (input='stream', e.g. imagenet2012); see fda_biper_jax/inputs.py.
+  # (input='stream', e.g. imagenet2012); see fda_biper_jax/data/inputs.py.
   c.dataset = "cifar10"
   c.input = "memory"
   c.data_shards = 0   # training-data shards (0 = one per process); fixes the data order

@@ -1,4 +1,4 @@
-"""BiPer two-stage recipe for resnet20 on CIFAR-10 (paper Table 2 / README: see methods).
+"""BiPer two-stage recipe for resnet20 on CIFAR-10 (the public code's CIFAR-10 scripts).
 
   python -m experiments.cifar --config=experiments/configs/biper_resnet20.py:stage1 \
       --workdir=runs/biper_resnet20_stage1

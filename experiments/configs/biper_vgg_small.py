@@ -1,4 +1,4 @@
-"""BiPer two-stage recipe for vgg_small on CIFAR-10 (paper Table 2 / README: see methods).
+"""BiPer two-stage recipe for vgg_small on CIFAR-10 (the public code's CIFAR-10 scripts).
 
   python -m experiments.cifar --config=experiments/configs/biper_vgg_small.py:stage1 \
       --workdir=runs/biper_vgg_small_stage1

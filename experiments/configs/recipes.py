@@ -96,7 +96,7 @@ def biper(model: str, stage: str, dataset: str = "cifar10"):
 
 
 def imagenet(c):
-  """A recipe moved to imagenet2012, streamed (fda_biper_jax/streaming.py) at 224."""
+  """A recipe moved to imagenet2012, streamed (fda_biper_jax/data/streaming.py) at 224."""
   c.dataset, c.input = "imagenet2012", "stream"
   c.stream.image_size, c.stream.eval_resize = 224, 256
   c.eval_every_epochs, c.log_every_steps, c.checkpoint_every_steps = 1, 100, 2000

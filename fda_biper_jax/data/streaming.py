@@ -1,6 +1,6 @@
 """Streaming input pipeline for image datasets too large for device memory (ImageNet).
 
-`data.py` holds a small dataset whole on the accelerator; this module instead streams
+`data.memory` holds a small dataset whole on the accelerator; this module instead streams
 a tensorflow-datasets image dataset (`imagenet2012`, or any tfds dataset with an
 `image` and a ClassLabel `label` feature) from disk with tf.data, one epoch at a time:
 
@@ -19,12 +19,10 @@ Pass the same `data_dir` to `info` and to the batch functions (StreamInfo does n
 hold it). Work is done in tf.data's parallel map (`num_parallel_calls`, default
 AUTOTUNE: tf.data tunes the number of threads, up to the CPU cores; the threads are
 TensorFlow's C++ runtime's, free of the GIL), followed by batching and prefetching;
-TensorFlow is kept off GPUs (`data.import_tfds`), so JAX keeps the accelerator memory.
+TensorFlow is kept off GPUs (`memory.import_tfds`), so JAX keeps the accelerator memory.
 
-Throughput (`python -m benchmarks.input_pipeline`, ImageNet-sized JPEGs): about 400
-training and 300 evaluation images per CPU-second on the AMD EPYC cores it was
-measured on, so feeding a GPU that trains on some thousands of images/s takes a
-dozen or more cores per GPU; see that benchmark's docstring.
+Throughput: `python -m benchmarks.input_pipeline` measures it (ImageNet-sized JPEGs);
+measured figures are in benchmarks/NOTES.md.
 
 Each host reads its own shard
 -----------------------------

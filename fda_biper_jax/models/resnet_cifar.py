@@ -1,12 +1,11 @@
 """CIFAR ResNets (32x32 inputs) of the public BiPer and FDA-BNN code.
 
-* `ResNet18CIFAR`: ReCU's `models_cifar/resnet2.py` `resnet18_1w1a`, which
+* `ResNet18CIFAR`: ReCU's CIFAR `resnet18_1w1a`, which
   the BiPer CIFAR scripts train (`--model resnet18_1w1a`).
-* `ResNet20`: BiPer's `cifar10/models_cifar/resnet.py` `resnet20_1w1a`
+* `ResNet20`: BiPer's CIFAR-10 `resnet20_1w1a`
   (Bi-Real layout: a shortcut around each conv).
-* `ResNet20FDA`: FDA-BNN's MindSpore release (mindspore models,
-  `research/cv/FDA-BNN/src/resnet.py`): conv -> PReLU -> BN per conv, one
-  option-A shortcut per block, no activation after the sum.
+* `ResNet20FDA`: the ResNet-20 of FDA-BNN's MindSpore release: conv -> PReLU
+  -> BN per conv, one option-A shortcut per block, no activation after the sum.
 
 First conv and last fc are full precision everywhere.
 """

@@ -1,6 +1,6 @@
 """ImageNet ResNet-18 / ResNet-34 (224x224) of the ReCU / BiPer code.
 
-Source: ReCU `models_imagenet/resnet.py` (`resnet18_1w1a`, `resnet34_1w1a`),
+Source: ReCU's ImageNet ResNets (`resnet18_1w1a`, `resnet34_1w1a`),
 the model file of the BiPer ImageNet scripts; BiPer publishes 11.69M and
 21.81M parameters (its README notes 11,694,376 for ResNet-18, which counts
 the learned per-channel scale of every binary conv).

@@ -1,6 +1,6 @@
 """VGG-Small for CIFAR (32x32) as in the IR-Net / ReCU / BiPer code.
 
-Source: ReCU `models_cifar/vgg.py` `vgg_small_1w1a` (the IR-Net VGG-Small,
+Source: ReCU's CIFAR `vgg_small_1w1a` (the IR-Net VGG-Small,
 trained by the BiPer scripts; 4.66M published):
 
     conv0 3->128 (full precision) -> BN -> hardtanh
