@@ -2,17 +2,21 @@
 
 The package's folders are its architecture: `methods` (one file per
 estimator), `nn` (binary Linen layers; `layers` is their stable import
-path), `models` (the papers' architectures), `train` (trainer, checkpoints,
+path), `models` (the papers' architectures; a user's own through a factory), `train` (trainer, checkpoints,
 runs), `data` (datasets in memory or streamed), `deploy` (bit-packed export
 and XNOR inference); `trace`, `summary` and `analysis` read any model built
-from the library's layers. Importing the package loads none of them.
+from the library's layers. `fda_biper_jax.binarize(model, ...)` binarizes an
+existing Linen model by rules; `fda_biper_jax.nnx` holds the NNX layers;
+`fda_biper_jax.training_step(...)` binds the step the methods' schedules
+read. Importing the package loads none of them.
 """
 
 import importlib
 
 __version__ = "0.2.0"
 
-_LAZY = {"training_step": ("fda_biper_jax.methods", "training_step")}
+_LAZY = {"training_step": ("fda_biper_jax.methods", "training_step"),
+         "binarize": ("fda_biper_jax.nn.binarize", "binarize")}
 
 
 def __getattr__(name: str):

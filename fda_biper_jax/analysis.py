@@ -61,7 +61,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from scipy import optimize
 
 from fda_biper_jax import methods, trace
 from fda_biper_jax.nn import linen as layers
@@ -129,6 +128,7 @@ def qe_maximum() -> tuple[float, float]:
   Gives x* = 0.954882, QE* = 0.1028346 (the paper: 0.954882, 0.102835); the
   maximum is flat, so x* is determined to about 1e-8.
   """
+  from scipy import optimize  # noqa: PLC0415 -- the 'analysis' extra; nothing else needs it
   res = optimize.minimize_scalar(lambda x: -biper_quantization_error(x, 1.0),
                                  bounds=(0.1, 10.0), method="bounded",
                                  options={"xatol": 1e-10})

@@ -71,10 +71,15 @@ def calls(model: nn.Module, input_shape: Sequence[int], *, variables=None, batch
   found: list[Call] = []
 
   def interceptor(next_fun, args, kwargs, context):
+    start = len(found)
     out = next_fun(*args, **kwargs)
     if context.method_name == "__call__":
-      x = args[0] if args else next(iter(kwargs.values()), None)
       parts = tuple(context.module.path)
+      # A call replaced by another module at the same path (`binarize` runs a flax conv as
+      # a BinaryConv in its scope) is that module's call: the outer one is not recorded.
+      if any(c.parts == parts for c in found[start:]):
+        return out
+      x = args[0] if args else next(iter(kwargs.values()), None)
       found.append(Call("/".join(str(p) for p in parts), context.module, _shape(x), _shape(out),
                         parts))
     return out

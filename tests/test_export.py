@@ -45,6 +45,7 @@ ZOO = {
     "resnet18": dict(BIPER, input_quantizer="ste"),
     "resnet34": BIPER,
     "tiny_cnn": dict(kernel_quantizer="approx_sign", input_quantizer="bnn_pp", scaling="learned"),
+    "vit_tiny": dict(kernel_quantizer="ste", input_quantizer="rsign", scaling="mean_abs"),
 }
 BINARY_QUANTIZERS = ("ste", "approx_sign", "sign_swish", "fda", "biper", "bnn_pp", "ir_net",
                      "reste")

@@ -119,7 +119,7 @@ def _at(tree, path):
 
 def test_names():
   assert models.NAMES[:6] == ZOO
-  assert set(models.NAMES) == set(ZOO) | {"tiny_cnn"}  # the trainer's test model
+  assert set(models.NAMES) == set(ZOO) | {"vit_tiny", "tiny_cnn"}  # + the trainer's test model
 
 
 @pytest.mark.parametrize("name", ZOO)
@@ -310,7 +310,7 @@ def test_round_trip_keeps_quantizer_parameters_and_outputs():
     (lambda: models.create("resnet20", 10, kernel_quantiser="biper"), "kernel_quantiser"),
     (lambda: models.create("resnet20", 10, dtype="int8"), "dtype"),
     (lambda: models.from_config({"num_classes": 10}), "name"),
-    (lambda: models.config(object()), "not a model"),
+    (lambda: models.config(object()), "neither a model of the zoo"),
 ])
 def test_bad_arguments_raise_value_error(call, match):
   with pytest.raises(ValueError, match=match):

@@ -29,7 +29,7 @@ Bi-Real layout without PReLU), no epoch count given: 100 epochs, batch 256,
 cosine decay, here. Both stream imagenet2012 (tfds, manual download) at 224.
 """
 
-from experiments.configs.base import get_base_config
+from fda_biper_jax.train.config import default as get_base_config
 from fda_biper_jax import methods
 
 OMEGA0 = 20.0

@@ -5,7 +5,7 @@
 No download; the tests and the notebooks' CPU mode use this config.
 """
 
-from experiments.configs.base import get_base_config
+from fda_biper_jax.train.config import default as get_base_config
 
 
 def get_config():

@@ -162,18 +162,20 @@ def _layer_entry(module: BinaryConv | BinaryDense, params, folded_bn: str | None
 
 
 def export(model: nn.Module, variables: Mapping[str, Any], input_shape: Sequence[int]) -> Packed:
-  """The packed network of a zoo `model` with `variables` ({'params', 'batch_stats'}).
+  """The packed network of `model` with `variables` ({'params', 'batch_stats'}).
 
   Args:
-    model: a model of `models` (its `models.config` goes into the file).
+    model: any model built from the library's layers (or `binarize`d); a zoo or
+      factory model's `models.config` goes into the file, which then rebuilds it.
     variables: its trained variables.
     input_shape: one example's shape (H, W, C), e.g. (32, 32, 3).
 
-  Raises:
-    ValueError: the model is not of the zoo (variables that do not fit it
-      fail in Flax, as in `model.apply`).
+  Variables that do not fit the model fail in Flax, as in `model.apply`.
   """
-  config = models.config(model)
+  try:
+    config = models.config(model)
+  except ValueError:
+    config = None  # not rebuildable from the file: Predictor(packed, model=model)
   variables = jax.device_get(dict(variables))
   input_shape = [int(d) for d in input_shape]
   mods = _modules(model, variables, input_shape)

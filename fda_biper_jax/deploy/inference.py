@@ -62,7 +62,7 @@ from jax import lax
 
 from fda_biper_jax.deploy import packed as packed_lib
 from fda_biper_jax.deploy.packed import WORD_BITS, Packed, num_words
-from fda_biper_jax.nn.linen import BinaryConv, BinaryDense, deployed_input
+from fda_biper_jax.nn.linen import BinaryConv, BinaryDense, BinaryLayer, deployed_input
 
 
 Array = jax.Array
@@ -296,7 +296,8 @@ def _first_arg(args, kwargs):
 class Predictor:
   """The logits of an exported network, jit-compiled: `Predictor(packed)(images)`.
 
-  Images are what the model takes (NHWC float, normalised as in training).
+  Images are what the model takes (NHWC float, normalised as in training);
+  the model is called with `train=False` when it takes `train`.
   `apply(operands, images)` is the pure jitted function of the arrays in
   `operands` (place them on another device with `jax.device_put`). The
   float layers compute in the model's dtype: with bfloat16 the logits match
@@ -304,8 +305,10 @@ class Predictor:
   amplify, as they do between the model's own bfloat16 and float32 runs.
   """
 
-  def __init__(self, packed: Packed):
-    self.model = packed.model()
+  def __init__(self, packed: Packed, model=None):
+    """`model`: the network's Flax model; rebuilt from the file's configuration when
+    None (a zoo or factory model; any other must be given)."""
+    self.model = packed.model() if model is None else model
     self.layers = packed.header["layers"]
     self.folded = frozenset(e["folded_bn"] for e in self.layers.values() if e["folded_bn"])
     self.operands = jax.tree.map(jnp.asarray, {"variables": packed.float_variables(),
@@ -317,13 +320,16 @@ class Predictor:
 
   def _logits(self, operands, images, visited: set | None = None) -> Array:
     def interceptor(next_fun, args, kwargs, context):
+      module = context.module
       if context.method_name == "__call__":
-        path = "/".join(context.module.path)
-        if visited is not None and (path in self.layers or path in self.folded):
+        path = "/".join(module.path)
+        packed = path in self.layers and isinstance(module, BinaryLayer)
+        folded = path in self.folded and isinstance(module, nn.BatchNorm)
+        if visited is not None and (packed or folded):
           visited.add(path)
-        if path in self.folded:
+        if folded:
           return _first_arg(args, kwargs)
-        if path in self.layers:
+        if packed:
           return packed_layer(context.module, _first_arg(args, kwargs),
                               operands["layers"][path], self.layers[path], path)
       return next_fun(*args, **kwargs)

@@ -79,6 +79,10 @@ class Packed:
   arrays: Mapping[str, np.ndarray]
 
   def model(self) -> nn.Module:
+    """The network's model, rebuilt from the file's configuration."""
+    if self.header["model"] is None:
+      raise ValueError("this file's model is neither a zoo nor a factory model, so the file "
+                       "cannot rebuild it: pass it, inference.Predictor(packed, model=model)")
     return models.from_config(self.header["model"])
 
   def layer_arrays(self) -> dict[str, dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Binary layers: `linen` (Flax Linen), alongside the same quantizer core for NNX."""
+"""Binary layers: `linen` (Flax Linen), `nnx` (Flax NNX), on one operand core (`core`);
+`binarize` binarizes an existing Linen model by rules."""
 
 from fda_biper_jax.nn.linen import BinaryConv, BinaryDense, BinaryLayer, BinarySpec, Settings
 

@@ -22,47 +22,20 @@ module path): a layer whose path matches one computes in full precision
 whatever its quantizers, so a model states "first and last layers stay full
 precision" once, as a rule (`settings()` is the layer's effective setting).
 
-Training (`train=True`), for an operand t with quantizer q:
-
-* kernel: q's training forward of W (learned parts included), times a
-  per-output-channel scale (below); a method's weighted regulariser is sown
-  into the 'losses' collection, which the trainer adds to the loss;
-* input: with `prenorm`, each sample is first divided by its own standard
-  deviation over all axes but the batch (ReCU / BiPer: a / sqrt(var + 1e-5));
-  then q's training forward. With prenorm or learned parts, the input
-  quantization runs in float32 whatever the compute dtype, then is cast to
-  it once.
-
-Scheduled method parameters (FDA's series length, BNN++'s slope, ...) are evaluated at
-the training step bound by `methods.training_step` (the trainer binds it
-around the model call): a schedule never recompiles the step, and training
-a scheduled quantizer with no step bound is an error, never a silent default.
-
-Evaluation (`train=False`): the kernel is exactly `q.binarize(W)` times the
-scale and the input exactly `q.binarize(a)`; the prenorm is skipped when the
-deployed form ignores a positive scale (`scale_invariant`, true of sign).
-Zero padding (and a `mask`) applies to the quantized operands: a padded tap
-contributes 0, as in the packed XNOR inference.
-
-Weight scaling (`scaling`):
-
-* 'none': the binary kernel as is;
-* 'mean_abs': per output channel s_c = mean |W_c|, not differentiated
-  (XNOR-Net; FDA-BNN);
-* 'mean_abs_tensor': one s = mean |W| over the whole kernel (ReSTE);
-* 'learned': a per-output-channel parameter multiplying the layer output,
-  initialised uniformly in [0, 1) (the public BiPer code). In training it
-  is folded into the kernel, conv(x, k) s_c = conv(x, k s_c).
-
-The quantized kernel and input are sown into 'intermediates' for inspection.
-Both operands are stored once (`xla_cpu.materialize`) for XLA:CPU.
+What the operands are in training and in evaluation, the prenorm and the
+weight scalings: `fda_biper_jax.nn.core`, shared with the NNX layers.
+Scheduled method parameters (FDA's series length, BNN++'s slope, ...) are
+evaluated at the training step bound by `methods.training_step` (the trainer
+binds it around the model call): a schedule never recompiles the step, and
+training a scheduled quantizer with no step bound is an error, never a
+silent default. A method's weighted regulariser is sown into the 'losses'
+collection, which the trainer adds to the loss; the quantized kernel and
+input are sown into 'intermediates' for inspection.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -72,70 +45,13 @@ from flax.linen.dtypes import promote_dtype
 
 from fda_biper_jax import methods
 from fda_biper_jax.xla_cpu import materialize
+from fda_biper_jax.nn.core import (PRENORM_EPS, SCALINGS, ConvGeometry, PaddingLike, Settings,
+                                   check_patterns, check_role, check_scaling, deployed_input,
+                                   init_learned_scale, input_operand, kernel_operand, kernel_scale,
+                                   matches, prenormalize, resolve)
 
 Array = jax.Array
-SCALINGS = ("none", "mean_abs", "mean_abs_tensor", "learned")
-PRENORM_EPS = 1e-5
 REMOVED = methods.REMOVED_QUANTIZATION
-
-PaddingLike = str | int | Sequence[int | tuple[int, int]]
-PADDINGS = ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL")
-
-
-def resolve(spec) -> methods.Quantizer | methods.CallableQuantizer | None:
-  """A layer's quantizer setting as a quantizer (None stays None)."""
-  return None if spec is None else methods.get(spec)
-
-
-def check_role(q, role: str, where: str) -> None:
-  """Raises if a registered method does not binarize this operand (e.g. ReActNet's
-  thresholds are for inputs)."""
-  if isinstance(q, methods.Quantizer) and role not in q.method.roles:
-    raise ValueError(f"{where}: quantizer {q.name!r} binarizes {list(q.method.roles)} only, "
-                     f"not the {role}; choose another {role}_quantizer")
-
-
-def check_scaling(scaling, where: str) -> None:
-  if scaling not in SCALINGS:
-    raise ValueError(f"{where}: scaling={scaling!r} is not allowed; allowed: {list(SCALINGS)}")
-
-
-def check_patterns(patterns, where: str) -> tuple[str, ...]:
-  """Path patterns as a tuple of strings (a single string is one pattern)."""
-  if isinstance(patterns, str):
-    patterns = (patterns,)
-  patterns = tuple(patterns or ())
-  if not all(isinstance(p, str) and p for p in patterns):
-    raise ValueError(f"{where}: full_precision={patterns!r} is not allowed; path patterns "
-                     "such as ('stem/*', 'head/*') are required")
-  return patterns
-
-
-def matches(path: str, patterns: Sequence[str]) -> bool:
-  """Whether a '/'-joined module path matches any fnmatch pattern."""
-  return any(fnmatch.fnmatchcase(path, p) for p in patterns)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """A layer's effective quantization, after its `full_precision` rule."""
-  kernel_quantizer: Any = None
-  input_quantizer: Any = None
-  scaling: str = "none"
-  prenorm: bool = False
-
-  @property
-  def quantized(self) -> bool:
-    return self.kernel_quantizer is not None or self.input_quantizer is not None
-
-  @property
-  def binary(self) -> bool:
-    """A binary layer: its deployed kernel takes exactly two values (times a scale)."""
-    return self.kernel_quantizer is not None and self.kernel_quantizer.is_binary
-
-  @property
-  def binary_input(self) -> bool:
-    return self.input_quantizer is not None and self.input_quantizer.is_binary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,152 +100,6 @@ class BinarySpec:
     return c
 
 
-def _prenorm_stats(x: Array) -> tuple[Array, Array]:
-  """(mean, std) per sample, std = sqrt(var + 1e-5), var as `jnp.var` computes it."""
-  axes = tuple(range(1, x.ndim))
-  mu = jnp.mean(x, axis=axes, keepdims=True)
-  return mu, jnp.sqrt(jnp.mean(jnp.square(x - mu), axis=axes, keepdims=True) + PRENORM_EPS)
-
-
-@jax.custom_vjp
-def prenormalize(x: Array) -> Array:
-  """x / sqrt(var + 1e-5), the variance per sample over all axes but the first
-  (ReCU / BiPer's activation normalisation), in x's dtype (float32 inside).
-
-  The value of `x / jnp.sqrt(jnp.var(x, axes) + 1e-5)`. The backward is the
-  closed form of its derivative, per sample with N elements and h the
-  incoming gradient:
-
-      dx = h / std - (x - mean) * sum(h x) / (N std^3),
-
-  one reduction, where autodiff of `jnp.var` takes two and stores two more
-  activation-sized temporaries (one is the gradient through the mean, whose
-  factor sum(x - mean) is zero); residuals are x and two scalars per sample.
-  """
-  return _prenormalize_fwd(x)[0]
-
-
-def _prenormalize_fwd(x):
-  x32 = x.astype(jnp.float32)
-  mu, std = _prenorm_stats(x32)
-  return (x32 / std).astype(x.dtype), (x, mu, std)
-
-
-def _prenormalize_bwd(res, g):
-  x, mu, std = res
-  axes = tuple(range(1, x.ndim))
-  n = math.prod(x.shape[1:])
-  x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
-  c = jnp.sum(g32 * x32, axis=axes, keepdims=True) / (n * std * jnp.square(std))
-  return ((g32 / std - (x32 - mu) * c).astype(x.dtype),)
-
-
-prenormalize.defvjp(_prenormalize_fwd, _prenormalize_bwd)
-
-
-def deployed_input(q, x: Array, aux, prenorm: bool) -> Array:
-  """The deployed form of a layer input: q.binarize(x), after the prenorm when
-  q's deployed form is not invariant to a positive scale."""
-  if prenorm and not q.scale_invariant:
-    x = prenormalize(x)
-  return q.binarize(x, aux, "input")
-
-
-def kernel_scale(scaling: str, w: Array) -> Array | None:
-  """The per-output-channel weight scale of 'mean_abs' / 'mean_abs_tensor' scaling
-  (float32 [Cout]); None for 'none' and 'learned' (a parameter)."""
-  if scaling == "mean_abs":
-    return jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
-  if scaling == "mean_abs_tensor":
-    return jnp.full((w.shape[-1],), jnp.mean(jnp.abs(w)), w.dtype)
-  return None
-
-
-def _tuple(x, n: int, name: str) -> tuple[int, ...]:
-  if x is None:
-    x = 1
-  if isinstance(x, int):
-    return (x,) * n
-  x = tuple(x)
-  if len(x) != n:
-    raise ValueError(f"{name}={x!r} does not fit a {n}-D kernel")
-  return x
-
-
-def canonical_padding(padding, rank: int):
-  """'SAME' / 'VALID' / 'CIRCULAR' / 'REFLECT' / 'CAUSAL', or [(lo, hi)] * rank (flax's forms:
-  an int, or a sequence of ints or pairs, one per spatial axis)."""
-  if isinstance(padding, str):
-    if padding.upper() not in PADDINGS:
-      raise ValueError(f"padding={padding!r} is not allowed; allowed: {list(PADDINGS)}, an int "
-                       "or one int or (low, high) pair per spatial axis")
-    return padding.upper()
-  if isinstance(padding, int):
-    return [(padding, padding)] * rank
-  pads = [((p, p) if isinstance(p, int) else tuple(p)) for p in padding]
-  if len(pads) != rank or not all(len(p) == 2 for p in pads):
-    raise ValueError(f"padding={padding!r} is not allowed; one int or (low, high) pair per "
-                     f"spatial axis ({rank}) is required")
-  return pads
-
-
-def dimension_numbers(ndim: int) -> jax.lax.ConvDimensionNumbers:
-  """Channels-last input and output, [*spatial, in, out] kernel (flax's convention)."""
-  lhs = (0, ndim - 1) + tuple(range(1, ndim - 1))
-  rhs = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
-  return jax.lax.ConvDimensionNumbers(lhs, rhs, lhs)
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-  """A BinaryConv's convolution, canonical: tuples per spatial axis, the padding as
-  lax takes it (a string or (low, high) pairs), and the input's batch shape."""
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: Any
-  input_dilation: tuple[int, ...]
-  kernel_dilation: tuple[int, ...]
-  groups: int
-  batch_shape: tuple[int, ...]
-
-  @property
-  def rank(self) -> int:
-    return len(self.kernel_size)
-
-  def flatten(self, x: Array) -> Array:
-    """x with its batch axes as one leading axis (none: a batch of one)."""
-    return jnp.reshape(x, (-1, *x.shape[len(self.batch_shape):]))
-
-  def unflatten(self, y: Array) -> Array:
-    return jnp.reshape(y, (*self.batch_shape, *y.shape[1:]))
-
-  def pad(self, x: Array) -> tuple[Array, Any]:
-    """(x, padding): CIRCULAR / REFLECT / CAUSAL applied to x (then 'VALID'), as flax does."""
-    if self.padding not in ("CIRCULAR", "REFLECT", "CAUSAL"):
-      return x, self.padding
-    dilated = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.kernel_dilation)]
-    if self.padding == "CAUSAL":
-      if self.rank != 1:
-        raise ValueError("BinaryConv: CAUSAL padding is for 1-D convolutions only")
-      pads, mode = [(dilated[0] - 1, 0)], "constant"
-    else:
-      pads = [((k - 1) // 2, k // 2) for k in dilated]
-      mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[self.padding]
-    return jnp.pad(x, [(0, 0), *pads, (0, 0)], mode=mode), "VALID"
-
-  def kernel_shape(self, in_features: int, features: int) -> tuple[int, ...]:
-    if in_features % self.groups or features % self.groups:
-      raise ValueError(f"BinaryConv: feature_group_count={self.groups} must divide the input "
-                       f"channels ({in_features}) and features ({features})")
-    return (*self.kernel_size, in_features // self.groups, features)
-
-  def conv(self, fn, x: Array, k: Array, precision=None) -> Array:
-    """fn (lax.conv_general_dilated's signature) of x and k with this geometry."""
-    return fn(x, k, self.strides, self.padding, lhs_dilation=self.input_dilation,
-              rhs_dilation=self.kernel_dilation, dimension_numbers=dimension_numbers(x.ndim),
-              feature_group_count=self.groups, precision=precision)
-
-
 class BinaryLayer(nn.Module):
   """What BinaryConv and BinaryDense share: the mode, and the operands' quantization.
 
@@ -372,46 +142,23 @@ class BinaryLayer(nn.Module):
     return self.param(f"{role}_{q.aux_name}", lambda key: q.init_aux(key, role, shape))
 
   def quantize_input(self, x: Array, s: Settings, train: bool) -> Array:
-    """The input operand, computed once (`materialize`)."""
-    q = s.input_quantizer
+    """The input operand (`core.input_operand`), sown as 'input'."""
     x = x.astype(self.dtype) if self.dtype is not None else x
-    if q is None:
-      return materialize(x)
-    aux = self.aux(q, "input", x.shape)
-    if train:
-      dtype = x.dtype
-      if s.prenorm or aux is not None:
-        # In float32 from one stored float32 x, cast to the compute dtype once: a float32
-        # schedule value or learned part would otherwise promote the operand, and XLA:CPU
-        # would convert x and its gradients again in every pass.
-        x = materialize(x.astype(jnp.float32))
-      if s.prenorm:
-        x = prenormalize(x)
-      y = q.quantize(x, aux, "input").astype(dtype)
-    else:
-      y = deployed_input(q, x, aux, s.prenorm)
-    y = materialize(y)
-    self.sow("intermediates", "input", y)
+    q = s.input_quantizer
+    aux = None if q is None else self.aux(q, "input", x.shape)
+    y = input_operand(q, x, aux, prenorm=s.prenorm, train=train)
+    if q is not None:
+      self.sow("intermediates", "input", y)
     return y
 
   def quantize_kernel(self, w: Array, s: Settings, train: bool) -> Array:
-    """The quantized kernel of latent w [..., features], 'mean_abs' scales and the mask
-    applied (sown as 'kernel' in the compute dtype)."""
+    """The quantized kernel (`core.kernel_operand`), the mask applied, sown as 'kernel' in
+    the compute dtype; the regulariser sown into 'losses'."""
     q = s.kernel_quantizer
-    if q is None:
-      k = w
-    else:
-      aux = self.aux(q, "kernel", w.shape)
-      if train:
-        k = q.quantize(w, aux, "kernel")
-        reg = q.regularizer(w)
-        if reg is not None:
-          self.sow("losses", "kernel_regularizer", reg)
-      else:
-        k = q.binarize(w, aux, "kernel")
-    scale = kernel_scale(s.scaling, w)
-    if scale is not None:
-      k = k * jax.lax.stop_gradient(scale).astype(k.dtype)
+    aux = None if q is None else self.aux(q, "kernel", w.shape)
+    k, reg = kernel_operand(q, w, aux, scaling=s.scaling, train=train)
+    if reg is not None:
+      self.sow("losses", "kernel_regularizer", reg)
     if self.mask is not None:
       k = k * self.mask
     self.sow("intermediates", "kernel", k if self.dtype is None else k.astype(self.dtype))
@@ -434,8 +181,7 @@ class BinaryLayer(nn.Module):
         self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype), s, train)
     scale = None
     if s.scaling == "learned":
-      scale = self.param("scale", nn.initializers.uniform(1.0), (self.features,),
-                         self.param_dtype)
+      scale = self.param("scale", init_learned_scale, self.features, self.param_dtype)
       if train:
         k, scale = k * scale.astype(k.dtype), None
     bias = (self.param("bias", self.bias_init, (self.features,), self.param_dtype)
@@ -487,15 +233,8 @@ class BinaryConv(BinaryLayer):
   full_precision: Sequence[str] = ()
 
   def geometry(self, input_shape) -> ConvGeometry:
-    kernel_size = ((self.kernel_size,) if isinstance(self.kernel_size, int)
-                   else tuple(self.kernel_size))
-    rank = len(kernel_size)
-    return ConvGeometry(kernel_size, _tuple(self.strides, rank, "strides"),
-                        canonical_padding(self.padding, rank),
-                        _tuple(self.input_dilation, rank, "input_dilation"),
-                        _tuple(self.kernel_dilation, rank, "kernel_dilation"),
-                        self.feature_group_count,
-                        tuple(input_shape[:len(input_shape) - rank - 1]))
+    return ConvGeometry.of(self.kernel_size, self.strides, self.padding, self.input_dilation,
+                           self.kernel_dilation, self.feature_group_count, input_shape)
 
   @nn.compact
   def __call__(self, inputs: Array, train: bool | None = None) -> Array:

@@ -15,7 +15,7 @@ trainer (optax, the data pipeline).
 import importlib
 
 _TRAINER = ("COMPUTE_DTYPES", "DECAY_MASKS", "OPTIMIZERS", "LayerLog", "RunLog", "TrainState",
-            "create_model", "create_state", "decay_mask", "evaluate", "grad_norms", "init_from_stage",
+            "create_model", "create_state", "decay_mask", "evaluate", "factory_path", "grad_norms", "init_from_stage",
             "learning_rate", "make_eval_step", "make_optimizer", "make_train_step",
             "quantization", "train_and_evaluate", "validate", "variables_of")
 

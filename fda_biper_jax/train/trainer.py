@@ -93,8 +93,9 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
   removed = methods.removed_settings(config)
   if removed:
     _fail(removed)
-  if config.model not in models.NAMES:
-    _fail(f"model={config.model!r} is not allowed; allowed: {list(models.NAMES)}")
+  if config.model not in models.NAMES and ":" not in str(config.model):
+    _fail(f"model={config.model!r} is not allowed; allowed: {list(models.NAMES)} or a "
+          "factory's import path 'package.module:function'")
   opt = config.optimizer
   if opt.name not in OPTIMIZERS:
     _fail(f"optimizer.name={opt.name!r} is not allowed; allowed: {list(OPTIMIZERS)}")
@@ -123,10 +124,30 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
 
 
 def create_model(config, num_classes: int, axis_name: str | None = None):
-  """The config's model with `num_classes` logits (quantization, dtype, BN init)."""
-  return models.create(config.model, num_classes, dtype=COMPUTE_DTYPES[config.compute_dtype],
-                       axis_name=axis_name, bn_scale_init=config.get("bn_scale_init", 1.0),
-                       **quantization(config))
+  """The config's model with `num_classes` logits: a zoo model with the config's
+  quantization, dtype, BatchNorm init and architecture options (`config.model_kwargs`),
+  or a factory's (`config.model` an import path) with `config.model_kwargs`."""
+  dtype = COMPUTE_DTYPES[config.compute_dtype]
+  kwargs = config.get("model_kwargs") or {}
+  kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+  if config.model in models.NAMES:
+    return models.create(config.model, num_classes, dtype=dtype, axis_name=axis_name,
+                         bn_scale_init=config.get("bn_scale_init", 1.0),
+                         **quantization(config), **kwargs)
+  return models.create(config.model, num_classes, dtype=dtype, axis_name=axis_name, **kwargs)
+
+
+def factory_path(factory) -> str:
+  """The import path 'module:qualname' of a module-level factory (checkpoints rebuild
+  the model from it); one line if it has none."""
+  path = f"{getattr(factory, '__module__', '')}:{getattr(factory, '__qualname__', '')}"
+  try:
+    if models.resolve_factory(path) is factory:
+      return path
+  except ValueError:
+    pass
+  _fail(f"model={factory!r} cannot be imported by path: define the factory at the top level "
+        "of an importable module (checkpoints and exports rebuild the model from its path)")
 
 
 def learning_rate(config, steps_per_epoch: int) -> optax.Schedule:
@@ -397,8 +418,18 @@ def init_from_stage(state: TrainState, workdir: str) -> TrainState:
   return state.replace(params=run.variables["params"], batch_stats=run.variables["batch_stats"])
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or, with config.eval_only, evaluates) and returns a summary dict."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       model=None) -> dict[str, Any]:
+  """Trains (or, with config.eval_only, evaluates) and returns a summary dict.
+
+  `model`, optional: a model factory (a module-level callable; see
+  `fda_biper_jax.models`), used in place of `config.model`, which is set to
+  its import path so that checkpoints rebuild it.
+  """
+  if model is not None:
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.model = factory_path(model)
   if config.distributed:
     parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                     config.process_id)

@@ -1,14 +1,23 @@
-"""Defaults shared by every recipe; not a recipe itself.
+"""The training config: every field the trainer reads, with its default.
 
-Each file beside this one starts from `get_base_config()` and sets what its
-paper specifies. Any field can be overridden on the command line, e.g.
-`--config.optimizer.learning_rate=0.01 --config.num_epochs=5`.
+`default()` is not a recipe: the configs in the repository's
+experiments/configs start from it and set what their papers specify, and a
+user of the installed package does the same. Any field can be overridden on
+the command line, e.g. `--config.optimizer.learning_rate=0.01
+--config.num_epochs=5`.
+
+`model` is a zoo name (`fda_biper_jax.models.NAMES`) or the import path of a
+factory, 'mypkg.models:create', called as factory(num_classes, dtype=...,
+axis_name=..., **model_kwargs); a factory model's quantization is its own
+(model_kwargs), a zoo model's is `quantization` (and its `model_kwargs` are
+architecture options, `models.architecture`).
 """
 
 import ml_collections
 
 
-def get_base_config() -> ml_collections.ConfigDict:
+def default() -> ml_collections.ConfigDict:
+  """The trainer's config with every default (module docstring)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -34,6 +43,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # {'name': ..., **parameters} (fda_biper_jax/methods/), a parameter a number or, where
   # the method allows, a schedule {'schedule': 'geometric', 'start': 2, 'end': 200}.
   c.model = "resnet20"
+  # A factory model's keywords, or a zoo model's architecture options (vit_tiny's depth).
+  c.model_kwargs = ml_collections.ConfigDict()
   c.quantization = ml_collections.ConfigDict(dict(
       kernel_quantizer={"name": "identity"}, input_quantizer={"name": "identity"},
       scaling="none", prenorm=False))
