@@ -1,6 +1,6 @@
 """Exports a training run's checkpoint to a packed binary network file.
 
-  python -m experiments.export --workdir runs/biper_resnet20_stage2 --out resnet20.fbj \
+  python -m experiments.export --workdir runs/biper_resnet20_stage2 --out resnet20.safetensors \
       [--which latest|best]
 
 The run restores without its optimizer (`fda_biper_jax.train.runs.restore`:

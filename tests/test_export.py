@@ -238,7 +238,7 @@ def test_resnet18_cifar_file_is_at_most_a_twentieth_of_float32():
 
 def test_checkpoint_round_trip(tmp_path):
   """A tiny training run's checkpoint -> file (library and command line) -> logits."""
-  workdir, out = str(tmp_path / "run"), str(tmp_path / "tiny.fbj")
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "tiny.safetensors")
   config = tiny.get_config()
   train.train_and_evaluate(config, workdir)
   report = export_cli.export_run(workdir, out, "best")
@@ -253,7 +253,7 @@ def test_checkpoint_round_trip(tmp_path):
   info, [(images, _)] = inputs.load_shards(config, "test", [0], 1)
   _assert_same_logits(model, variables, packed, data.normalize(images, info))  # every test image
 
-  cli = str(tmp_path / "cli.fbj")
+  cli = str(tmp_path / "cli.safetensors")
   run = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir", workdir,
                         "--out", cli, "--which", "latest"], cwd=ROOT, capture_output=True,
                        text=True, check=False)
@@ -285,11 +285,23 @@ def _resave(packed, header=None, arrays=None):
                                              arrays=arrays or packed.arrays))
 
 
-def test_valid_file_loads_from_disk(tmp_path, tiny_file):
-  path = str(tmp_path / "net.fbj")
-  packed_lib.save(_load_checked(tiny_file), path)
-  assert pathlib.Path(path).read_bytes() == tiny_file
-  assert json.loads(tiny_file[48:48 + int.from_bytes(tiny_file[8:16], "little")])["version"] == 1
+def test_valid_file_loads_from_disk_and_is_safetensors(tmp_path, tiny_file):
+  path = str(tmp_path / "net.safetensors")
+  packed = _load_checked(tiny_file)
+  packed_lib.save(packed, path)
+  again = inference.load(path)
+  assert again.header == packed.header and again.arrays.keys() == packed.arrays.keys()
+  for k, a in packed.arrays.items():
+    np.testing.assert_array_equal(again.arrays[k], a)
+  # any safetensors reader reads the packed weights and the metadata
+  from safetensors import safe_open  # noqa: PLC0415
+  with safe_open(path, framework="numpy") as f:
+    meta = f.metadata()
+    kernel = f.get_tensor("packed/unit1/conv/kernel")
+  assert meta["format"] == "fda_biper_jax.packed" and meta["version"] == "2"
+  assert json.loads(meta["header"])["model"]["name"] == "tiny_cnn"
+  assert kernel.dtype == np.uint32 and set(json.loads(meta["sha256"])) >= {
+      "header", "packed/unit1/conv/kernel"}
 
 
 @pytest.mark.parametrize("cut", [4, 30, 60, -1000, -1])
@@ -303,28 +315,47 @@ def test_extended_file_is_rejected(tiny_file):
     _load_checked(tiny_file + b"\0")
 
 
-@pytest.mark.parametrize("where,match", [(100, "header fails its SHA-256"),
-                                         (-5, "fails its SHA-256 checksum")])
-def test_tampered_file_is_rejected(tiny_file, where, match):
+def _header_end(data: bytes) -> int:
+  return 8 + int.from_bytes(data[:8], "little")
+
+
+@pytest.mark.parametrize("target,match", [("array", "fails its SHA-256 checksum"),
+                                          ("header", "header fails its SHA-256"),
+                                          ("json", "not a safetensors file")])
+def test_tampered_file_is_rejected(tiny_file, target, match):
   data = bytearray(tiny_file)
-  data[where] ^= 0x01
+  if target == "array":
+    data[-5] ^= 0x01
+  elif target == "json":
+    data[9] = ord("#")
+  else:  # a digit of the description (the model's num_classes), same length
+    at = data.index(b'num_classes\\": 10', 0, _header_end(tiny_file))
+    data[at + len(b'num_classes\\": ')] = ord("2")
   with pytest.raises(ValueError, match=match):
     _load_checked(bytes(data))
 
 
-def test_wrong_magic_is_rejected(tiny_file):
-  with pytest.raises(ValueError, match="not a fda_biper_jax.packed file"):
-    _load_checked(b"PK\x03\x04" + tiny_file[4:])
+def test_another_safetensors_file_is_rejected():
+  import safetensors.numpy  # noqa: PLC0415
+  other = safetensors.numpy.save({"w": np.ones(3, np.float32)}, metadata={"format": "pt"})
+  with pytest.raises(ValueError, match="format='pt' is not supported"):
+    _load_checked(other)
+  with pytest.raises(ValueError, match="not a safetensors file"):
+    _load_checked((10).to_bytes(8, "little") + b"not json!!")
+  with pytest.raises(ValueError, match="truncated"):
+    _load_checked(b"PK\x03\x04" + bytes(40))
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"version": 2}, r"format version 2 is not supported; supported: \[1\]"),
-    ({"format": "other"}, "format='other' is not supported"),
+@pytest.mark.parametrize("version,match", [
+    ("1", r"format version '1' is not supported; supported: \[2\]"),
+    ("3", r"format version '3' is not supported"),
 ])
-def test_wrong_version_or_format_is_rejected(change, match):
+def test_wrong_version_is_rejected(tiny_file, version, match):
+  import safetensors.numpy  # noqa: PLC0415
   packed = _exported("tiny_cnn")[2]
+  meta = {"format": "fda_biper_jax.packed", "version": version, "header": "{}", "sha256": "{}"}
   with pytest.raises(ValueError, match=match):
-    _load_checked(_resave(packed, header={**packed.header, **change}))
+    _load_checked(safetensors.numpy.save(dict(packed.arrays), metadata=meta))
 
 
 def _with_array(packed, name, value):

@@ -311,7 +311,7 @@ def test_a_registered_method_trains_checkpoints_restores_summarises_and_exports(
 
 
 def _export(wd, tmp_path):
-  out = str(tmp_path / "model.fbj")
+  out = str(tmp_path / "model.safetensors")
   export_cli.export_run(wd, out)
   return out
 

@@ -211,7 +211,7 @@ def test_a_factory_model_trains_restores_and_exports_through_the_library(tmp_pat
   assert models.config(run.model)["name"] == f"{__name__}:make_model"
   assert set(trace.binary_layers(run.model, run.input_shape)) == {
       "block0/Conv_0", "block0/Conv_1", "block1/Conv_0", "block1/Conv_1", "block1/proj"}
-  path = str(tmp_path / "model.fbj")
+  path = str(tmp_path / "model.safetensors")
   report = export_cli.export_run(wd, path)
   assert report["packed_layers"] == 5
   x = jax.random.normal(jax.random.key(1), (4, *run.input_shape))

@@ -1,18 +1,18 @@
-"""The bit-packed network file: a JSON header and named arrays, every byte checked.
+"""The bit-packed network file: a safetensors file, every byte checked.
 
-File format 'fda_biper_jax.packed', version 1 (integers little-endian):
+The container is safetensors (an 8-byte length, a JSON header, the raw
+little-endian arrays; readers exist in Python, Rust, C++ and JavaScript), so
+any of them reads the packed weights. The file's `__metadata__` (strings)
+holds:
 
-    magic    8 bytes   b"FBJ-PACK"
-    L        uint64    length of the header in bytes
-    digest   32 bytes  SHA-256 of the header
-    header   L bytes   UTF-8 JSON, below
-    payload            the arrays' bytes (C order, little-endian), back to
-                       back in the order of header["arrays"]; nothing follows
+    "format":  "fda_biper_jax.packed"     "version": "2"
+    "header":  the network's description, JSON (below)
+    "sha256":  JSON {array name: SHA-256 of its bytes, "header": of the header}
 
     header = {
-      "format": "fda_biper_jax.packed", "version": 1,
-      "model": models.config(model): name, num_classes, dtype and every
-               quantizer setting; `models.from_config` rebuilds the model,
+      "model": models.config(model) (name, num_classes, dtype and every
+               quantizer setting; `models.from_config` rebuilds the model), or
+               null for a model that the file cannot rebuild,
       "input_shape": [H, W, C], the per-example input the export traced,
       "source_params": the number of parameters of the exported model,
       "layers": {module path: {"type": "conv" | "dense",
@@ -25,18 +25,17 @@ File format 'fda_biper_jax.packed', version 1 (integers little-endian):
                                "input_aux": names of the input quantizer's learned
                                             arrays (ReActNet's thresholds), or [],
                                "folded_bn": the folded BatchNorm's path or null}},
-      "arrays": {name: {"dtype": "uint32" | "float32", "shape": [...],
-                        "offset": from the payload start, "nbytes": ...,
-                        "sha256": hex digest of the bytes}},
     }
 
-Array names: "packed/<layer path>/kernel" (uint32 [Cout, ceil(K / 32)],
-unused tail bits 0), "packed/<layer path>/scale" and ".../bias" (float32
-[Cout]), "packed/<layer path>/input_aux/<name>" (float32) for a deployed
-form with learned parts; "float/<collection>/<module path>/<variable>" for
-the float variables. Every byte of the file is covered by the magic, a length, or a
-checksum: `load` rejects a truncated, extended, tampered, wrong-format,
-wrong-version or internally inconsistent file with one ValueError.
+Array names (dtypes U32 and F32): "packed/<layer path>/kernel" (uint32
+[Cout, ceil(K / 32)], 32 signs per word, unused tail bits 0),
+"packed/<layer path>/scale" and ".../bias" (float32 [Cout]),
+"packed/<layer path>/input_aux/<name>" (float32) for a deployed form with
+learned parts; "float/<collection>/<module path>/<variable>" for the float
+variables. `load` rejects a truncated, extended, tampered, wrong-format,
+wrong-version or internally inconsistent file with one ValueError: the
+safetensors structure is checked by its reader, every array and the header
+by their SHA-256.
 """
 
 from __future__ import annotations
@@ -49,16 +48,16 @@ import struct
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors
+import safetensors.numpy
 from flax import linen as nn
 from flax import traverse_util
 
 from fda_biper_jax import models
 
 FORMAT = "fda_biper_jax.packed"
-VERSION = 1
-SUPPORTED_VERSIONS = (1,)
-MAGIC = b"FBJ-PACK"
-PREAMBLE = struct.Struct("<8sQ32s")  # magic, header length, header SHA-256
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 DTYPES = ("uint32", "float32")
 WORD_BITS = 32  # a packed kernel holds 32 signs per uint32 word
 
@@ -115,21 +114,25 @@ class Packed:
 # --------------------------------------------------------------------------
 
 
+def _sha256(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"))
+                        .tobytes()).hexdigest()
+
+
 def to_bytes(packed: Packed) -> bytes:
   """The file's bytes (module docstring)."""
-  index, offset, chunks = {}, 0, []
+  arrays = {}
   for name, a in packed.arrays.items():
     a = np.ascontiguousarray(a)
     if a.dtype.name not in DTYPES:
       raise ValueError(f"array {name!r} has dtype {a.dtype}; allowed: {list(DTYPES)}")
-    raw = a.astype(a.dtype.newbyteorder("<")).tobytes()
-    index[name] = {"dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
-                   "nbytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
-    offset += len(raw)
-    chunks.append(raw)
-  header = json.dumps({**packed.header, "arrays": index}).encode("utf-8")
-  return PREAMBLE.pack(MAGIC, len(header), hashlib.sha256(header).digest()) + header + \
-      b"".join(chunks)
+    arrays[name] = a
+  header = json.dumps(dict(packed.header), sort_keys=True)
+  sums = {name: _sha256(a) for name, a in arrays.items()}
+  sums["header"] = hashlib.sha256(header.encode("utf-8")).hexdigest()
+  return safetensors.numpy.save(arrays, metadata={
+      "format": FORMAT, "version": str(VERSION), "header": header,
+      "sha256": json.dumps(sums, sort_keys=True)})
 
 
 def save(packed: Packed, path: str) -> None:
@@ -138,22 +141,6 @@ def save(packed: Packed, path: str) -> None:
   with open(tmp, "wb") as f:
     f.write(to_bytes(packed))
   os.replace(tmp, path)
-
-
-def _array(data: memoryview, name: str, entry: Mapping[str, Any], start: int) -> np.ndarray:
-  if entry.get("dtype") not in DTYPES:
-    raise ValueError(f"array {name!r} has dtype {entry.get('dtype')!r}; allowed: {list(DTYPES)}")
-  dtype = np.dtype(entry["dtype"]).newbyteorder("<")
-  shape = tuple(entry["shape"])
-  if any(not isinstance(d, int) or d < 0 for d in shape) or \
-      entry["nbytes"] != int(np.prod(shape)) * dtype.itemsize:
-    raise ValueError(f"array {name!r}: shape {list(shape)} does not match its "
-                     f"{entry['nbytes']} bytes of {entry['dtype']}")
-  raw = data[start + entry["offset"]:start + entry["offset"] + entry["nbytes"]]
-  if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
-    raise ValueError(f"array {name!r} fails its SHA-256 checksum: the file was modified or "
-                     "corrupted")
-  return np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")).reshape(shape)
 
 
 def _check_layers(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
@@ -190,48 +177,61 @@ def _check_layers(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -
                      "variables")
 
 
-def from_bytes(data: bytes) -> Packed:
-  """Parses and validates a file's bytes (module docstring); ValueError if bad."""
-  view = memoryview(data)
-  head = bytes(view[:len(MAGIC)])
-  if head != MAGIC[:len(head)]:
-    raise ValueError(f"not a {FORMAT} file: it starts with {head!r}, not the magic {MAGIC!r}")
-  if len(data) < PREAMBLE.size:
-    raise ValueError(f"the file is truncated: {len(data)} bytes, fewer than the "
-                     f"{PREAMBLE.size}-byte preamble")
-  _, length, digest = PREAMBLE.unpack_from(view)
-  start = PREAMBLE.size + length
-  if len(data) < start:
-    raise ValueError(f"the file is truncated: {len(data)} bytes, its header ends at byte {start}")
-  raw = view[PREAMBLE.size:start]
-  if hashlib.sha256(raw).digest() != digest:
-    raise ValueError("the header fails its SHA-256 checksum: the file was modified or corrupted")
+def _metadata(data: bytes) -> dict[str, str]:
+  """The safetensors header's `__metadata__` (its reader checks the rest)."""
+  if len(data) < 8:
+    raise ValueError(f"the file is truncated: {len(data)} bytes, fewer than safetensors' "
+                     "8-byte header length")
+  (length,) = struct.unpack("<Q", data[:8])
+  if len(data) < 8 + length:
+    raise ValueError(f"the file is truncated: {len(data)} bytes, its safetensors header ends "
+                     f"at byte {8 + length}")
   try:
-    header = json.loads(bytes(raw).decode("utf-8"))
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"the header is not valid JSON: {e}") from None
-  if not isinstance(header, dict):
-    raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-  if header.get("format") != FORMAT:
-    raise ValueError(f"format={header.get('format')!r} is not supported; allowed: {FORMAT!r}")
-  if header.get("version") not in SUPPORTED_VERSIONS:
-    raise ValueError(f"format version {header.get('version')!r} is not supported; "
-                     f"supported: {list(SUPPORTED_VERSIONS)}")
-  missing = {"model", "input_shape", "source_params", "layers", "arrays"} - set(header)
-  if missing:
-    raise ValueError(f"the header lacks {sorted(missing)}")
-  index = header.pop("arrays")
-  end = start + sum(e["nbytes"] for e in index.values())
+    index = json.loads(data[8:8 + length].decode("utf-8"))
+    meta = index.pop("__metadata__", None)
+    end = 8 + length + max((int(e["data_offsets"][1]) for e in index.values()), default=0)
+  except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError,
+          IndexError) as e:
+    raise ValueError(f"not a safetensors file: its header is not one ({e})") from None
   if len(data) != end:
     raise ValueError(f"the file is {'truncated' if len(data) < end else 'too long'}: "
                      f"{len(data)} bytes, its header describes {end}")
-  offset = 0
-  for name, e in index.items():
-    if e["offset"] != offset:
-      raise ValueError(f"array {name!r} starts at payload byte {e['offset']}, not {offset}: "
-                       "arrays must lie back to back")
-    offset += e["nbytes"]
-  arrays = {name: _array(view, name, e, start) for name, e in index.items()}
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    got = None if not isinstance(meta, dict) else meta.get("format")
+    raise ValueError(f"format={got!r} is not supported; a {FORMAT!r} safetensors file is "
+                     "required")
+  if meta.get("version") not in {str(v) for v in SUPPORTED_VERSIONS}:
+    raise ValueError(f"format version {meta.get('version')!r} is not supported; "
+                     f"supported: {list(SUPPORTED_VERSIONS)}")
+  return meta
+
+
+def from_bytes(data: bytes) -> Packed:
+  """Parses and validates a file's bytes (module docstring); ValueError if bad."""
+  meta = _metadata(bytes(data))
+  try:
+    arrays = safetensors.numpy.load(bytes(data))
+  except (safetensors.SafetensorError, ValueError) as e:
+    raise ValueError(f"the file is invalid: safetensors cannot read it "
+                     f"({str(e).splitlines()[0]})") from None
+  try:
+    sums, header = json.loads(meta["sha256"]), meta["header"]
+  except (KeyError, json.JSONDecodeError):
+    raise ValueError("the file's metadata lacks its header or checksums") from None
+  if hashlib.sha256(header.encode("utf-8")).hexdigest() != sums.get("header"):
+    raise ValueError("the header fails its SHA-256 checksum: the file was modified or corrupted")
+  for name, a in arrays.items():
+    if a.dtype.name not in DTYPES:
+      raise ValueError(f"array {name!r} has dtype {a.dtype}; allowed: {list(DTYPES)}")
+    if _sha256(a) != sums.get(name):
+      raise ValueError(f"array {name!r} fails its SHA-256 checksum: the file was modified or "
+                       "corrupted")
+  if set(sums) - {"header"} != set(arrays):
+    raise ValueError(f"the file lacks arrays {sorted(set(sums) - {'header'} - set(arrays))}")
+  header = json.loads(header)
+  missing = {"model", "input_shape", "source_params", "layers"} - set(header)
+  if missing:
+    raise ValueError(f"the header lacks {sorted(missing)}")
   _check_layers(header, arrays)
   return Packed(header, arrays)
 
