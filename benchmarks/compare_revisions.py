@@ -1,8 +1,8 @@
 """The training step of this checkout against a git revision's, side by side in one process.
 
-  python -m benchmarks.compare_revisions --base REV [--models resnet20]
-      [--quantizers identity,biper,fda,bnn_pp] [--batch_size 128] [--repeats 7]
-      [--window_steps 3] [--json runs/benchmarks/compare_revisions.json]
+  python -m benchmarks.compare_revisions --base=REV [--models=resnet20]
+      [--quantizers=identity,biper,fda,bnn_pp] [--batch_size=128] [--repeats=7]
+      [--window_steps=3] [--json=runs/benchmarks/compare_revisions.json]
 
 "Is the step no slower than before?" asks for a ratio measured in one run: two
 processes on a shared machine see different loads. The base revision's
@@ -20,7 +20,6 @@ compiled programs (machine-independent).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib
 import os
@@ -35,9 +34,13 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import flags
 
 from benchmarks import run_and_report, train_step
-from fda_biper_jax import parallel, summary
+from fda_biper_jax import models, parallel, summary
+from fda_biper_jax.cli import command
+
+FLAGS = flags.FLAGS
 
 PACKAGES = ("fda_biper_jax", "experiments", "benchmarks")
 PREFIX = "base_"
@@ -139,23 +142,25 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.compare_revisions",
-                              description=__doc__.splitlines()[0])
-  p.add_argument("--base", required=True, help="the git revision to compare against")
-  p.add_argument("--models", type=lambda s: s.split(","), default=["resnet20"])
-  p.add_argument("--quantizers", type=lambda s: s.split(","),
-                 default=["identity", "biper", "fda", "bnn_pp"])
-  p.add_argument("--batch_size", type=summary.positive_int, default=128)
-  p.add_argument("--repeats", type=summary.positive_int, default=7)
-  p.add_argument("--window_steps", type=summary.positive_int, default=3)
-  p.add_argument("--json", default="runs/benchmarks/compare_revisions.json")
-  args = p.parse_args(argv)
-  return run_and_report(p.prog, lambda: run(args.base, args.models, args.quantizers,
-                                            batch_size=args.batch_size, repeats=args.repeats,
-                                            window_steps=args.window_steps),
-                        format_table, args.json)
+def define_flags() -> None:
+  flags.DEFINE_string("base", None, "The git revision to compare against.")
+  command.define_names("models", "resnet20", models.NAMES, "The models.")
+  command.define_names("quantizers", "identity,biper,fda,bnn_pp", train_step.case_names(),
+                       "The quantizers (benchmarks/train_step.py's cases).")
+  flags.DEFINE_integer("batch_size", 128, "Images per step.", lower_bound=1)
+  flags.DEFINE_integer("repeats", 7, "Timed windows.", lower_bound=1)
+  flags.DEFINE_integer("window_steps", 3, "Steps per window.", lower_bound=1)
+  flags.DEFINE_string("json", "runs/benchmarks/compare_revisions.json",
+                      "Where the results go as JSON.")
+  flags.mark_flag_as_required("base")
+
+
+def main(argv) -> int:
+  command.no_arguments(argv)
+  return run_and_report(command.prog(), lambda: run(
+      FLAGS.base, FLAGS.models, FLAGS.quantizers, batch_size=FLAGS.batch_size,
+      repeats=FLAGS.repeats, window_steps=FLAGS.window_steps), format_table, FLAGS.json)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command.run(main, define_flags)

@@ -1,7 +1,8 @@
 """Latency and throughput of packed inference against the float eval path.
 
-  python -m benchmarks.inference [--models resnet20,resnet18_cifar] [--batch-sizes 1,256]
-      [--windows 5] [--min-window-s 0.5] [--json runs/benchmarks/inference.json]
+  python -m benchmarks.inference [--models=resnet20,resnet18_cifar] [--batch_sizes=1,256]
+      [--windows=5] [--min_window_s=0.5] [--kernel_quantizer=biper]
+      [--input_quantizer=approx_sign] [--scaling=learned] [--json=runs/benchmarks/inference.json]
 
 For every backend JAX sees (cpu, and gpu when there is one), every model and
 every batch size, two jitted forwards of the same network are timed:
@@ -15,7 +16,7 @@ The variables are random, in the shapes `model.init` gives, with non-trivial
 BatchNorm statistics (`random_variables`); the quantization is BiPer's by
 default. Each forward is compiled and run once before timing; then
 `--windows` windows each repeat it (with `block_until_ready`) until
-`--min-window-s` seconds have passed, and the median window's time per call
+`--min_window_s` seconds have passed, and the median window's time per call
 is reported, as milliseconds per batch and images per second, whichever path
 wins. A markdown table (and the exported file's size against the model's
 float32 parameters) goes to stdout, the numbers to the `--json` file.
@@ -37,21 +38,23 @@ programs. Measurements, with dates: benchmarks/NOTES.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from benchmarks import run_and_report
-from fda_biper_jax import layers, models, summary
+from fda_biper_jax import layers, methods, models, summary
+from fda_biper_jax.cli import command
 from fda_biper_jax.deploy import export, inference
+
+FLAGS = flags.FLAGS
 
 DEFAULT_MODELS = ("resnet20", "resnet20_fda", "resnet18_cifar", "vgg_small")
 DEFAULT_BATCH_SIZES = (1, 256)
@@ -165,47 +168,29 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _int_list(text: str) -> list[int]:
-  try:
-    values = [int(t) for t in text.split(",")]
-  except ValueError:
-    values = []
-  if not values or min(values) < 1:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of positive ints")
-  return values
+def define_flags() -> None:
+  command.define_names("models", ",".join(DEFAULT_MODELS), models.NAMES, "The models.")
+  command.define_integers("batch_sizes", ",".join(map(str, DEFAULT_BATCH_SIZES)),
+                          "The batch sizes.")
+  flags.DEFINE_integer("windows", 5, "Timed windows per forward.", lower_bound=1)
+  flags.DEFINE_float("min_window_s", 0.5, "Seconds a window lasts at least.", lower_bound=0)
+  flags.DEFINE_enum("kernel_quantizer", "biper", list(methods.names()), "The kernels' quantizer.")
+  flags.DEFINE_enum("input_quantizer", "approx_sign", list(methods.names()),
+                    "The inputs' quantizer.")
+  flags.DEFINE_enum("scaling", "learned", list(layers.SCALINGS), "The weight scaling.")
+  flags.DEFINE_string("json", "runs/benchmarks/inference.json", "Where the results go as JSON.")
 
 
-def _model_list(text: str) -> list[str]:
-  names = text.split(",")
-  bad = [n for n in names if n not in models.NAMES]
-  if bad:
-    raise argparse.ArgumentTypeError(f"unknown models {bad}; allowed: {list(models.NAMES)}")
-  return names
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.inference",
-                              description="Packed vs float inference latency and throughput.")
-  p.add_argument("--models", type=_model_list, default=list(DEFAULT_MODELS))
-  p.add_argument("--batch-sizes", type=_int_list, default=list(DEFAULT_BATCH_SIZES))
-  p.add_argument("--windows", type=int, default=5)
-  p.add_argument("--min-window-s", type=float, default=0.5)
-  p.add_argument("--kernel-quantizer", default="biper")
-  p.add_argument("--input-quantizer", default="approx_sign")
-  p.add_argument("--scaling", default="learned", choices=layers.SCALINGS)
-  p.add_argument("--json", default="runs/benchmarks/inference.json",
-                 help="where the results go as JSON")
-  args = p.parse_args(argv)
-  if args.windows < 1 or args.min_window_s < 0:
-    p.error(f"--windows={args.windows} must be >= 1 and --min-window-s={args.min_window_s} >= 0")
+def main(argv) -> int:
+  command.no_arguments(argv)
 
   def measure():
-    return run(args.models, args.batch_sizes, windows=args.windows,
-               min_window_s=args.min_window_s, kernel_quantizer=args.kernel_quantizer,
-               input_quantizer=args.input_quantizer, scaling=args.scaling)
+    return run(FLAGS.models, FLAGS.batch_sizes, windows=FLAGS.windows,
+               min_window_s=FLAGS.min_window_s, kernel_quantizer=FLAGS.kernel_quantizer,
+               input_quantizer=FLAGS.input_quantizer, scaling=FLAGS.scaling)
 
-  return run_and_report(p.prog, measure, format_table, args.json)
+  return run_and_report(command.prog(), measure, format_table, FLAGS.json)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command.run(main, define_flags)

@@ -1,10 +1,10 @@
 """Throughput of the streaming ImageNet input pipeline (`fda_biper_jax.streaming`) on the CPU.
 
-  python -m benchmarks.input_pipeline [--num_images 2000] [--num_eval_images 500]
-      [--height 250,450] [--width 300,500] [--image_size 224] [--batch_size 128]
-      [--num_parallel_calls N] [--dtypes float32,bfloat16] [--windows 5] [--window_batches 4]
-      [--warmup_batches 2] [--target 5000] [--data_dir DIR]
-      [--json runs/benchmarks/input_pipeline.json]
+  python -m benchmarks.input_pipeline [--num_images=2000] [--num_eval_images=500]
+      [--height=250,450] [--width=300,500] [--image_size=224] [--batch_size=128]
+      [--num_parallel_calls=N] [--dtypes=float32,bfloat16] [--windows=5] [--window_batches=4]
+      [--warmup_batches=2] [--target=5000] [--data_dir=DIR]
+      [--json=runs/benchmarks/input_pipeline.json]
 
 A `synthetic_jpeg` dataset (`fda_biper_jax.data.datasets.synthetic_jpeg`) of ImageNet-like
 JPEGs (heights uniform in --height, widths in --width: about 350 x 400 px and 90 KB per
@@ -41,7 +41,6 @@ Measurements, with dates: benchmarks/NOTES.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import os
@@ -54,10 +53,13 @@ import time
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
 from benchmarks import run_and_report
-from fda_biper_jax import summary
+from fda_biper_jax.cli import command
 from fda_biper_jax.data import streaming
+
+FLAGS = flags.FLAGS
 
 DEFAULT_TARGET = 5000.0  # images/s one H100 step may consume (estimate, see the docstring)
 
@@ -208,59 +210,53 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _pair(text: str) -> tuple[int, int]:
-  try:
-    lo, hi = (int(t) for t in text.split(","))
-  except ValueError:
-    lo = hi = 0
-  if not 1 <= lo <= hi:
-    raise argparse.ArgumentTypeError(f"{text!r} is not MIN,MAX with 1 <= MIN <= MAX")
+def min_max(text: str) -> tuple[int, int]:
+  """'250,450' -> (250, 450): MIN,MAX with 1 <= MIN <= MAX."""
+  lo, hi = command.integers(text, 2)
+  if lo > hi:
+    raise ValueError(f"{text!r}: MIN > MAX")
   return lo, hi
 
 
-def _dtypes(text: str) -> list[str]:
-  names = text.split(",")
-  bad = [n for n in names if n not in streaming.DTYPES]
-  if bad or not names:
-    raise argparse.ArgumentTypeError(f"unknown dtypes {bad}; allowed: {list(streaming.DTYPES)}")
-  return names
+def define_flags() -> None:
+  flags.DEFINE_integer("num_images", 2000, "Training images of the synthetic dataset.",
+                       lower_bound=1)
+  flags.DEFINE_integer("num_eval_images", 500, "Its evaluation images.", lower_bound=1)
+  command.define("height", "250,450", min_max, "MIN,MAX with 1 <= MIN <= MAX",
+                 "Image heights, uniform in [MIN, MAX].", command.LIST)
+  command.define("width", "300,500", min_max, "MIN,MAX with 1 <= MIN <= MAX",
+                 "Image widths, uniform in [MIN, MAX].", command.LIST)
+  flags.DEFINE_integer("image_size", 224, "Output side.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 128, "Images per batch.", lower_bound=1)
+  flags.DEFINE_integer("num_parallel_calls", None, "Threads of the decoding map (default: "
+                       "tf.data.AUTOTUNE).", lower_bound=1)
+  command.define_names("dtypes", ",".join(streaming.DTYPES), streaming.DTYPES,
+                       "Output dtypes.")
+  flags.DEFINE_integer("windows", 5, "Timed windows.", lower_bound=1)
+  flags.DEFINE_integer("window_batches", 4, "Batches per window.", lower_bound=1)
+  flags.DEFINE_integer("warmup_batches", 2, "Batches before the first window.", lower_bound=1)
+  command.define_positive_number("target", DEFAULT_TARGET, "Images/s a GPU step consumes, for "
+                                 "the 'cores for' column.")
+  flags.DEFINE_string("data_dir", None, "tfds data_dir for the synthetic dataset (default: a "
+                      "temporary one).")
+  flags.DEFINE_string("json", "runs/benchmarks/input_pipeline.json",
+                      "Where the results go as JSON.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else list(argv)
-  p = argparse.ArgumentParser(prog="python -m benchmarks.input_pipeline",
-                              description="Throughput of the streaming input pipeline.")
-  p.add_argument("--num_images", type=summary.positive_int, default=2000,
-                 help="training images of the synthetic dataset")
-  p.add_argument("--num_eval_images", type=summary.positive_int, default=500)
-  p.add_argument("--height", type=_pair, default=(250, 450), help="MIN,MAX image height")
-  p.add_argument("--width", type=_pair, default=(300, 500), help="MIN,MAX image width")
-  p.add_argument("--image_size", type=summary.positive_int, default=224)
-  p.add_argument("--batch_size", type=summary.positive_int, default=128)
-  p.add_argument("--num_parallel_calls", type=summary.positive_int, default=None,
-                 help="threads of the decoding map (default: tf.data.AUTOTUNE)")
-  p.add_argument("--dtypes", type=_dtypes, default=list(streaming.DTYPES))
-  p.add_argument("--windows", type=summary.positive_int, default=5)
-  p.add_argument("--window_batches", type=summary.positive_int, default=4)
-  p.add_argument("--warmup_batches", type=summary.positive_int, default=2)
-  p.add_argument("--target", type=summary.positive_float, default=DEFAULT_TARGET,
-                 help="images/s a GPU step consumes, for the 'cores for' column")
-  p.add_argument("--data_dir", default=None,
-                 help="tfds data_dir for the synthetic dataset (default: a temporary one)")
-  p.add_argument("--json", default="runs/benchmarks/input_pipeline.json",
-                 help="where the results go as JSON")
-  args = p.parse_args(argv)
+def main(argv) -> int:
+  command.no_arguments(argv)
 
   def measure():
-    return run(num_images=args.num_images, num_eval_images=args.num_eval_images,
-               height=args.height, width=args.width, image_size=args.image_size,
-               batch_size=args.batch_size, num_parallel_calls=args.num_parallel_calls,
-               dtypes=args.dtypes, windows=args.windows, window_batches=args.window_batches,
-               warmup_batches=args.warmup_batches, target=args.target,
-               data_dir=args.data_dir, command=f"{p.prog} {shlex.join(argv)}".strip())
+    return run(num_images=FLAGS.num_images, num_eval_images=FLAGS.num_eval_images,
+               height=FLAGS.height, width=FLAGS.width, image_size=FLAGS.image_size,
+               batch_size=FLAGS.batch_size, num_parallel_calls=FLAGS.num_parallel_calls,
+               dtypes=FLAGS.dtypes, windows=FLAGS.windows, window_batches=FLAGS.window_batches,
+               warmup_batches=FLAGS.warmup_batches, target=FLAGS.target,
+               data_dir=FLAGS.data_dir,
+               command=f"{command.prog()} {shlex.join(sys.argv[1:])}".strip())
 
-  return run_and_report(p.prog, measure, format_table, args.json)
+  return run_and_report(command.prog(), measure, format_table, FLAGS.json)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command.run(main, define_flags)

@@ -1,34 +1,14 @@
 """Trains or evaluates a binary network on CIFAR-10/100 or another small dataset.
 
   python -m experiments.cifar --config=experiments/configs/biper_resnet20.py:stage1 \
-      --workdir=runs/biper_resnet20_s1
+      --workdir=runs/biper_resnet20_s1 [--config.num_epochs=100]
 
-The logic lives in `fda_biper_jax.train`; this file only parses flags. A bad
-setting stops with one line before anything is written.
+The command is `fda_biper_jax.cli.train` (installed as `fda-biper-jax-train`); the logic
+lives in `fda_biper_jax.train`. A bad flag, config file, override or setting stops with
+one line before anything is written.
 """
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from fda_biper_jax import train
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (see experiments/configs).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints and logs go; a rerun resumes there.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FloatingPointError) as e:
-    sys.exit(f"error: {e}")
-
+from fda_biper_jax.cli import train
 
 if __name__ == "__main__":
-  app.run(main)
+  train.run()

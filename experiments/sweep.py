@@ -17,18 +17,21 @@ import importlib
 import json
 import os
 import platform
-import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
 from experiments.configs import quick, recipes
 from fda_biper_jax import train
+from fda_biper_jax.cli import command
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/sweep", "Parent folder of the runs.")
-flags.DEFINE_list("quantizers", None, "Methods to train (default: every registered one).")
-flags.DEFINE_list("imports", [], "Modules to import first (they may register methods).")
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("workdir", "runs/sweep", "Parent folder of the runs.")
+  flags.DEFINE_list("quantizers", None, "Methods to train (default: every registered one).")
+  flags.DEFINE_list("imports", [], "Modules to import first (they may register methods).")
 
 
 def last_grad_norms(workdir: str) -> dict[str, float]:
@@ -44,30 +47,34 @@ def last_grad_norms(workdir: str) -> dict[str, float]:
 
 
 def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  command.no_arguments(argv)
   for module in FLAGS.imports:
     try:
       importlib.import_module(module)
     except ImportError as e:
-      sys.exit(f"error: --imports: module {module!r} cannot be imported: {e}")
+      command.fail(f"--imports={module} is not allowed: it cannot be imported ({e})")
   allowed = recipes.quick_methods()
   chosen = FLAGS.quantizers or list(allowed)
   bad = [q for q in chosen if q.partition("/")[0] not in allowed]
   if bad:
-    sys.exit(f"error: quantizers {bad} are not allowed; allowed: {list(allowed)}")
-  results = {}
-  for q in chosen:
+    command.fail(f"--quantizers={','.join(bad)} is not allowed; allowed: {', '.join(allowed)} "
+                 "(NAME/VARIANT for a variant)")
+  configs = {}
+  for q in chosen:  # every config before the first run
     try:
-      config = quick.get_config(q)
+      configs[q] = quick.get_config(q)
     except ValueError as e:
-      sys.exit(f"error: {q}: {e}")
+      command.fail(f"--quantizers={q} is not allowed: {e}")
+  results = {}
+  for q, config in configs.items():
     config.tensorboard = False
     try:
       workdir = os.path.join(FLAGS.workdir, q.replace("/", "-"))
       out = train.train_and_evaluate(config, workdir)
-    except (ValueError, FloatingPointError) as e:
-      sys.exit(f"error: {q}: {e}")
+    except ValueError as e:
+      command.fail(f"{q}: {e}")
+    except FloatingPointError as e:
+      command.fail(f"{q}: {e}", command.FAILURE)
     norms = last_grad_norms(workdir)
     results[q] = {"test_accuracy": out["final_eval_accuracy"], "steps": out["steps"],
                   "grad_norms": norms, "max_layer_grad_norm": max(norms.values(), default=None)}
@@ -87,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  command.run(main, define_flags)

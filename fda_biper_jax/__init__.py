@@ -4,8 +4,9 @@ The package's folders are its architecture: `methods` (one file per
 estimator), `nn` (binary Linen layers; `layers` is their stable import
 path), `models` (the papers' architectures; a user's own through a factory), `train` (trainer, checkpoints,
 runs), `data` (datasets in memory or streamed), `deploy` (bit-packed export
-and XNOR inference); `trace`, `summary` and `analysis` read any model built
-from the library's layers. `fda_biper_jax.binarize(model, ...)` binarizes an
+and XNOR inference), `cli` (the commands); `trace`, `summary` and `analysis`
+read any model built from the library's layers, `plots` draws the analyses.
+`fda_biper_jax.binarize(model, ...)` binarizes an
 existing Linen model by rules; `fda_biper_jax.nnx` holds the NNX layers;
 `fda_biper_jax.training_step(...)` binds the step the methods' schedules
 read. Importing the package loads none of them.

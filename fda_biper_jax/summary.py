@@ -31,15 +31,7 @@ share of binary MACs. Variables outside `params` (BatchNorm's `batch_stats`)
 are reported as `non_trainable` and are not part of the sizes. MB = 2**20
 bytes, kB = 2**10 bytes.
 
-Command line:
-
-    python -m fda_biper_jax.summary --model resnet20 [--num-classes N]
-        [--kernel-quantizer NAME] [--input-quantizer NAME] [--scaling S]
-        [--input-shape H,W,C] [--json]
-
-The default quantization is BiPer's (kernel 'biper', input 'approx_sign',
-scaling 'learned'); `--kernel-quantizer identity --input-quantizer identity`
-shows the full-precision twin.
+Command line: `fda-biper-jax-summary --model=resnet20` (`fda_biper_jax.cli.summary`).
 """
 
 from __future__ import annotations
@@ -47,8 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -56,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from fda_biper_jax import methods, trace
-from fda_biper_jax.nn import linen as layers
+from fda_biper_jax import trace
+from fda_biper_jax.cli import command
 
 MB = 2 ** 20
 KB = 2 ** 10
@@ -362,7 +352,7 @@ def format_table(summary: Summary) -> str:
 
 
 # --------------------------------------------------------------------------
-# Command line
+# Input shapes; argparse types (of benchmarks/train_step.py) from the commands' parsers
 # --------------------------------------------------------------------------
 
 
@@ -373,94 +363,21 @@ def default_input_shape(name: str) -> tuple[int, int, int]:
 
 def parse_shape(text: str) -> tuple[int, ...]:
   try:
-    shape = tuple(int(p) for p in text.replace("x", ",").split(","))
+    return command.integers(text.replace("x", ","), 3)
   except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a shape H,W,C of positive integers")
-  if len(shape) != 3 or any(d <= 0 for d in shape):
-    raise argparse.ArgumentTypeError(f"{text!r} is not a shape H,W,C of positive integers")
-  return shape
+    raise argparse.ArgumentTypeError(f"{text!r} is not a shape H,W,C of positive integers") \
+        from None
 
 
 def positive_int(text: str) -> int:
   try:
-    n = int(text)
+    return command.integers(text, 1)[0]
   except ValueError:
-    n = 0
-  if n <= 0:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-  return n
+    raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
 
 
 def positive_float(text: str) -> float:
   try:
-    x = float(text)
-  except ValueError:
-    x = math.nan
-  if not x > 0 or math.isinf(x):
-    raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
-  return x
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m fda_biper_jax.summary",
-      description="Per-layer precision, parameters, memory and MACs of a model of the zoo.")
-  p.add_argument("--model", required=True, help="model name (fda_biper_jax.models.NAMES)")
-  p.add_argument("--num-classes", type=positive_int, default=None,
-                 help="classes (default: 1000 for ImageNet models, else 10)")
-  p.add_argument("--kernel-quantizer", default="biper",
-                 help="kernel quantizer name, or 'none' for no quantizer (default: biper)")
-  p.add_argument("--input-quantizer", default="approx_sign",
-                 help="input quantizer name, or 'none' for no quantizer (default: approx_sign)")
-  p.add_argument("--scaling", default="learned", choices=layers.SCALINGS,
-                 help="weight scaling (default: learned)")
-  p.add_argument("--input-shape", type=parse_shape, default=None,
-                 help="per-example input shape H,W,C (default: from the model name)")
-  p.add_argument("--json", action="store_true", help="print the summary as JSON")
-  return p
-
-
-def _quantizer_arg(name: str):
-  if name.lower() == "none":
-    return None
-  if name not in methods.names():
-    raise ValueError(f"unknown quantizer {name!r}; allowed names: {list(methods.names())}")
-  return name
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """Runs the command line; returns the exit status (2 on a bad argument)."""
-  parser = _parser()
-  args = parser.parse_args(argv)  # malformed options: argparse's usage + error, exit 2
-
-  def fail(msg: str) -> int:
-    print(f"{parser.prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
-    return 2
-
-  try:
-    kernel_q = _quantizer_arg(args.kernel_quantizer)
-    input_q = _quantizer_arg(args.input_quantizer)
+    return command.positive_number(text)
   except ValueError as e:
-    return fail(e)
-  try:
-    from fda_biper_jax import models
-  except ImportError as e:
-    return fail(f"the model zoo fda_biper_jax.models cannot be imported: {e}")
-  if args.model not in models.NAMES:
-    return fail(f"unknown model {args.model!r}; allowed: {list(models.NAMES)}")
-  shape = args.input_shape or default_input_shape(args.model)
-  num_classes = args.num_classes or (1000 if shape == IMAGENET_SHAPE else 10)
-  try:
-    model = models.create(args.model, num_classes,
-                          kernel_quantizer=kernel_q, input_quantizer=input_q,
-                          scaling=args.scaling)
-    s = summarize(model, shape)
-  except (ValueError, TypeError) as e:
-    return fail(e)
-  s.model = args.model
-  print(s.to_json(indent=1) if args.json else format_table(s))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+    raise argparse.ArgumentTypeError(str(e)) from None

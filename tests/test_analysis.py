@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from experiments import analysis as cli
-from fda_biper_jax import analysis, models, quantizers
+from fda_biper_jax import analysis, models, plots, quantizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -278,16 +277,23 @@ def _check_png(path):
   assert os.path.getsize(path) > 10_000
 
 
-def test_qe_command(tmp_path, capsys):
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.analysis", *map(str, args)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_qe_command(tmp_path):
   out = tmp_path / "figs" / "qe"  # created
-  assert cli.main(["qe", "--out", str(out)]) == 0
+  proc = _cli("qe", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
   _check_png(out / "qe.png")
-  assert str(out / "qe.png") in capsys.readouterr().out
-  assert len(cli.plot_qe().axes) == 2
+  assert proc.stdout.split() == [str(out / "qe.png")]
+  assert len(plots.plot_qe().axes) == 2
 
 
 def test_quantizers_figures(tmp_path):
-  written = cli.write_figures("quantizers", str(tmp_path))
+  written = plots.write_figures("quantizers", str(tmp_path))
   figs = {os.path.basename(p): f for p, f in written.items()}
   assert set(figs) == {"quantizers.png", "fda_series.png"}
   for path in written:
@@ -298,26 +304,32 @@ def test_quantizers_figures(tmp_path):
   assert [l.get_label() for l in series.get_lines()] == ["sign", "s_1", "s_3", "s_9", "s_17"]
 
 
-def _write_run(workdir, with_layers: bool):
+def _write_run(workdir, with_layers: bool, scale: float = 1.0, config=None):
+  """metrics.jsonl as the trainer writes it (RunLog: 'train' and 'eval' lines, LayerLog:
+  'layers' lines), and the run's config.json if `config`."""
   os.makedirs(workdir, exist_ok=True)
   paths = ["unit1/conv", "unit2/conv"]
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
     for e in range(1, 5):
-      f.write(json.dumps({"kind": "train", "step": 10 * e, "epoch": e, "loss": 2 / e,
-                          "accuracy": 1 - 1 / (e + 1)}) + "\n")
-      f.write(json.dumps({"kind": "eval", "step": 10 * e, "epoch": e, "loss": 2.2 / e,
+      f.write(json.dumps({"kind": "train", "step": 10 * e, "epoch": e, "loss": scale * 2 / e,
+                          "accuracy": 1 - 1 / (e + 1), "learning_rate": 0.1,
+                          "grad_norms": {p: 0.5 for p in paths}}) + "\n")
+      f.write(json.dumps({"kind": "eval", "step": 10 * e, "epoch": e, "loss": scale * 2.2 / e,
                           "accuracy": 0.9 - 1 / (e + 1)}) + "\n")
       if with_layers:
-        layers = {p: {"laplace_b": 0.05 / e, "qe": 0.09 + 0.001 * i,
+        layers = {p: {"laplace_b": scale * 0.05 / e, "qe": 0.09 + 0.001 * i,
                       **({"sign_flip_share": 0.1 / e} if e > 1 else {})}
                   for i, p in enumerate(paths)}
         f.write(json.dumps({"kind": "layers", "step": 10 * e, "epoch": e,
-                            "layers": layers}) + "\n")
+                            "sign_flip_share": 0.1 / e, "layers": layers}) + "\n")
+  if config is not None:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config, f)
 
 
 def test_run_figure_with_layer_stats(tmp_path):
   _write_run(tmp_path / "run", with_layers=True)
-  (path, fig), = cli.write_figures("run", str(tmp_path / "out"), str(tmp_path / "run")).items()
+  (path, fig), = plots.write_figures("run", str(tmp_path / "out"), [str(tmp_path / "run")]).items()
   _check_png(path)
   axes = {ax.get_title(): ax for ax in fig.axes}
   assert set(axes) == {"loss", "accuracy", "Laplace scale b", "quantization error QE",
@@ -330,35 +342,83 @@ def test_run_figure_with_layer_stats(tmp_path):
 
 def test_run_figure_without_layer_stats(tmp_path):
   _write_run(tmp_path / "run", with_layers=False)
-  assert cli.main(["run", "--workdir", str(tmp_path / "run"), "--out", str(tmp_path)]) == 0
-  _check_png(tmp_path / "run.png")
-  fig = cli.plot_run(cli.load_run(str(tmp_path / "run")))
+  fig = plots.plot_runs(plots.load_runs([str(tmp_path / "run")]))
   assert len(fig.axes) == 5
   qe_panel = next(ax for ax in fig.axes if ax.get_title() == "quantization error QE")
   assert "no per-layer statistics" in qe_panel.texts[0].get_text()
 
 
-def test_run_without_logs_is_one_clear_error(tmp_path, capsys):
-  assert cli.main(["run", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-  err = capsys.readouterr().err.strip()
-  assert "metrics.jsonl does not exist" in err and len(err.splitlines()) == 1
+def _legend(ax) -> list[str]:
+  return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_runs_overlaid_one_colour_each_labelled_by_their_quantizers(tmp_path):
+  biper = {"model": "resnet20", "quantization": {
+      "kernel_quantizer": {"name": "biper", "omega0": 20.0},
+      "input_quantizer": {"name": "approx_sign"}, "scaling": "learned", "prenorm": True}}
+  _write_run(tmp_path / "biper_run", with_layers=True, config=biper)
+  _write_run(tmp_path / "fda_run", with_layers=True, scale=1.5, config={
+      "quantization": {"kernel_quantizer": {"name": "fda"}, "input_quantizer": "fda"}})
+  _write_run(tmp_path / "plain", with_layers=True, scale=2.0)  # no config.json
+  workdirs = [str(tmp_path / d) for d in ("biper_run", "fda_run", "plain")]
+  (path, fig), = plots.write_figures("run", str(tmp_path / "out"), workdirs).items()
+  _check_png(path)
+  axes = {ax.get_title(): ax for ax in fig.axes}
+  labels = ["biper/approx_sign", "fda", "plain"]
+  for name in ("loss", "accuracy"):
+    assert _legend(axes[name]) == [f"{l} {kind}" for l in labels for kind in ("train", "eval")]
+  for name in ("Laplace scale b", "quantization error QE", "share of flipped signs"):
+    assert _legend(axes[name]) == labels
+    lines = axes[name].get_lines()
+    assert len(lines) == 3 * 2  # every run's two layers
+    colours = [{l.get_color() for l in lines[2 * i:2 * i + 2]} for i in range(3)]
+    assert all(len(c) == 1 for c in colours) and len(set.union(*colours)) == 3
+  # the second run's curves are its own numbers, in its colour
+  fda_loss = [l for l in axes["loss"].get_lines() if l.get_label() == "fda train"][0]
+  np.testing.assert_allclose(fda_loss.get_ydata(), [1.5 * 2 / e for e in range(1, 5)])
+
+
+def test_runs_with_the_same_quantizers_are_told_apart_by_their_workdirs(tmp_path):
+  config = {"quantization": {"kernel_quantizer": "ste", "input_quantizer": "ste"}}
+  for name in ("a", "b"):
+    _write_run(tmp_path / name, with_layers=False, config=config)
+  runs = plots.load_runs([str(tmp_path / "a"), str(tmp_path / "b")])
+  assert list(runs) == [f"ste ({tmp_path / 'a'})", f"ste ({tmp_path / 'b'})"]
+
+
+def test_run_command_overlays_workdirs_given_by_commas_or_repeated(tmp_path):
+  for name in ("a", "b", "c"):
+    _write_run(tmp_path / name, with_layers=True)
+  proc = _cli("run", f"--workdirs={tmp_path / 'a'},{tmp_path / 'b'}",
+              f"--workdir={tmp_path / 'c'}", f"--out={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split() == [str(tmp_path / "out" / "run.png")]
+  _check_png(tmp_path / "out" / "run.png")
+
+
+def test_run_without_logs_is_one_clear_error(tmp_path):
+  def error(*workdirs):
+    with pytest.raises(ValueError) as e:
+      plots.write_figures("run", str(tmp_path / "o"), [str(w) for w in workdirs])
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+  _write_run(tmp_path / "good", with_layers=False)
+  assert "metrics.jsonl does not exist" in error(tmp_path / "good", tmp_path / "empty")
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "epoch": 1}) + "\n")
+  assert "no 'train' lines" in error(tmp_path / "empty")
+  (tmp_path / "empty" / "metrics.jsonl").write_text("{not json\n")
+  assert "line 1 is not JSON" in error(tmp_path / "empty")
+  assert "'run' needs the workdirs" in error()
   assert not (tmp_path / "o").exists()  # nothing written
-  (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "epoch": 1}) + "\n")
-  assert cli.main(["run", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-  assert "no 'train' lines" in capsys.readouterr().err
-  (tmp_path / "metrics.jsonl").write_text("{not json\n")
-  assert cli.main(["run", "--workdir", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
-  assert "line 1 is not JSON" in capsys.readouterr().err
 
 
 def test_run_without_logs_subprocess(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.analysis", "run", "--workdir", str(tmp_path / "none"),
-       "--out", str(tmp_path / "o")],
-      cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode != 0
+  proc = _cli("run", f"--workdirs={tmp_path / 'none'}", f"--out={tmp_path / 'o'}")
+  assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines() == [
-      f"python -m experiments.analysis run: error: {tmp_path / 'none' / 'metrics.jsonl'} "
-      "does not exist; --workdir must be a training run's workdir"]
+      f"python -m experiments.analysis: error: {tmp_path / 'none' / 'metrics.jsonl'} "
+      "does not exist; allowed: a training run's workdir"]
+  assert not (tmp_path / "o").exists()

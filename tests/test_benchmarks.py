@@ -1,10 +1,15 @@
-"""The training-step benchmark runs end to end on a tiny configuration."""
+"""The benchmarks run end to end on tiny configurations; a bad flag is one line."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_KEYS = {"model", "quantizer", "image_shape", "batch_size", "quantization", "compute_dtype",
             "lower_s", "compile_s", "step_s", "step_s_windows", "images_per_s", "cpu_s",
@@ -107,15 +112,21 @@ INPUT_ROW_KEYS = {"mode", "dtype", "batch_size", "images_per_s", "images_per_s_w
                   "first_batch_s", "batch_bytes", "cores_for_target"}
 
 
-def test_input_pipeline_benchmark_writes_table_and_json(tmp_path, capsys):
-  from benchmarks import input_pipeline
+def _command(module, argv):
+  """`python -m module *argv` in a fresh interpreter: (exit status, stdout, stderr)."""
+  proc = subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, capture_output=True,
+                        text=True, timeout=600)
+  return proc.returncode, proc.stdout, proc.stderr
 
+
+def test_input_pipeline_benchmark_writes_table_and_json(tmp_path):
   path = tmp_path / "input_pipeline.json"
-  argv = ["--num_images", "20", "--num_eval_images", "7", "--height", "40,50", "--width", "40,60",
-          "--image_size", "32", "--batch_size", "8", "--windows", "2", "--window_batches", "1",
-          "--warmup_batches", "1", "--target", "1000", "--data_dir", str(tmp_path / "tfds"),
-          "--json", str(path)]
-  assert input_pipeline.main(argv) == 0
+  argv = ["--num_images=20", "--num_eval_images=7", "--height=40,50", "--width=40,60",
+          "--image_size=32", "--batch_size=8", "--windows=2", "--window_batches=1",
+          "--warmup_batches=1", "--target=1000", f"--data_dir={tmp_path / 'tfds'}",
+          f"--json={path}"]
+  status, out, err = _command("benchmarks.input_pipeline", argv)
+  assert status == 0, err[-2000:]
 
   results = json.loads(path.read_text())
   assert {"date", "machine", "cores", "tensorflow", "command", "settings", "dataset",
@@ -136,7 +147,7 @@ def test_input_pipeline_benchmark_writes_table_and_json(tmp_path, capsys):
     assert r["cores_for_target"] == 1000 / r["images_per_cpu_s"]
     assert r["batch_bytes"] == 8 * 32 * 32 * 3 * (4 if r["dtype"] == "float32" else 2)
 
-  lines = capsys.readouterr().out.splitlines()
+  lines = out.splitlines()
   header = lines.index(next(line for line in lines if line.startswith("| pipeline | dtype |")))
   columns = lines[header].count("|")
   assert lines[header + 1] == "|---" * (columns - 1) + "|"
@@ -147,17 +158,35 @@ def test_input_pipeline_benchmark_writes_table_and_json(tmp_path, capsys):
   assert all(line.count("|") == columns for line in body)
 
 
-def test_compare_revisions_times_two_versions_in_one_process(tmp_path, capsys):
+def test_compare_revisions_times_two_versions_in_one_process(tmp_path):
   """HEAD against the working tree, on tiny_cnn: both steps build and are timed."""
-  from benchmarks import compare_revisions  # noqa: PLC0415
   path = tmp_path / "compare.json"
-  argv = ["--base", "HEAD", "--models", "tiny_cnn", "--quantizers", "biper",
-          "--batch_size", "16", "--repeats", "2", "--window_steps", "1", "--json", str(path)]
-  assert compare_revisions.main(argv) == 0
+  argv = ["--base=HEAD", "--models=tiny_cnn", "--quantizers=biper", "--batch_size=16",
+          "--repeats=2", "--window_steps=1", f"--json={path}"]
+  status, out, err = _command("benchmarks.compare_revisions", argv)
+  assert status == 0, err[-2000:]
   (row,) = json.loads(path.read_text())["rows"]
   assert row["model"] == "tiny_cnn" and row["quantizer"] == "biper"
   assert row["base_wall_ms"] > 0 and row["current_wall_ms"] > 0 and len(row["wall_ratios"]) == 2
   assert row["base"]["xla_flops_per_step"] > 0 and row["current"]["xla_flops_per_step"] > 0
-  assert "| tiny_cnn | biper |" in capsys.readouterr().out
-  assert compare_revisions.main(["--base", "no-such-revision", "--models", "tiny_cnn"]) == 2
-  assert "--base='no-such-revision': git archive failed" in capsys.readouterr().err
+  assert "| tiny_cnn | biper |" in out
+  status, _, err = _command("benchmarks.compare_revisions",
+                            ["--base=no-such-revision", "--models=tiny_cnn"])
+  assert status == 2 and len(err.strip().splitlines()) == 1
+  assert "--base='no-such-revision': git archive failed" in err
+
+
+@pytest.mark.parametrize("module, flag, allowed", [
+    ("benchmarks.input_pipeline", "--height=50,40", "MIN,MAX with 1 <= MIN <= MAX"),
+    ("benchmarks.input_pipeline", "--target=inf", "a positive finite number"),
+    ("benchmarks.input_pipeline", "--dtypes=int8", "comma-separated names from float32, "
+                                                   "bfloat16"),
+    ("benchmarks.inference", "--batch_sizes=1,0", "comma-separated positive integers"),
+    ("benchmarks.inference", "--models=resnet99", "comma-separated names from resnet18_cifar, "),
+    ("benchmarks.compare_revisions", "--repeats=0", "a positive integer"),
+])
+def test_a_bad_flag_is_one_line_error_before_any_work(module, flag, allowed):
+  status, out, err = _command(module, ["--base=HEAD", flag] if "compare" in module else [flag])
+  assert status == 2 and out == ""
+  (line,) = err.strip().splitlines()
+  assert line.startswith(f"python -m {module}: error: {flag} is not allowed; allowed: {allowed}")

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from benchmarks import inference as bench
-from experiments import export as export_cli
 from experiments.configs import tiny
 from fda_biper_jax import data, models, train
+from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import export, inference
 from fda_biper_jax.deploy import packed as packed_lib
 from fda_biper_jax.train import runs
@@ -254,8 +254,8 @@ def test_checkpoint_round_trip(tmp_path):
   _assert_same_logits(model, variables, packed, data.normalize(images, info))  # every test image
 
   cli = str(tmp_path / "cli.safetensors")
-  run = subprocess.run([sys.executable, "-m", "experiments.export", "--workdir", workdir,
-                        "--out", cli, "--which", "latest"], cwd=ROOT, capture_output=True,
+  run = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
+                        f"--out={cli}", "--which=latest"], cwd=ROOT, capture_output=True,
                        text=True, check=False)
   assert run.returncode == 0, run.stderr
   assert "exported tiny_cnn (latest checkpoint, step 16)" in run.stdout
@@ -401,11 +401,13 @@ def test_inconsistent_files_are_rejected():
 # --------------------------------------------------------------------------
 
 
-def test_benchmark_writes_a_well_formed_table(tmp_path, capsys):
+def test_benchmark_writes_a_well_formed_table(tmp_path):
   out = str(tmp_path / "bench.json")
-  assert bench.main(["--models", "tiny_cnn", "--batch-sizes", "3", "--windows", "2",
-                     "--min-window-s", "0", "--json", out]) == 0
-  lines = capsys.readouterr().out.splitlines()
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.inference", "--models=tiny_cnn",
+                         "--batch_sizes=3", "--windows=2", "--min_window_s=0", f"--json={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
   assert lines[0].startswith("| backend | model | batch |") and lines[1].startswith("|---|")
   assert lines[2].startswith("| cpu | tiny_cnn | 3 |") and lines[2].count("|") == 9
   assert lines[4].startswith("| model |") and lines[6].startswith("| tiny_cnn | ")

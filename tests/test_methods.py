@@ -17,9 +17,9 @@ import pytest
 from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
-from experiments import export as export_cli
 from experiments.configs import quick, recipes, tiny
 from fda_biper_jax import layers, methods, models, quantizers, summary, train, trace
+from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import inference
 from fda_biper_jax.train import runs
 from fda_biper_jax.methods import schedule
@@ -322,8 +322,8 @@ def _export(wd, tmp_path):
 METHOD_WORDS = {"n_terms", "beta", "alpha", "omega", "omega0", "tau", "noise", "fda", "biper",
                 "biper_sine", "bnn_pp", "sign_swish", "approx_sign", "ir_net", "reste", "rsign",
                 "ste"}
-# (summary.py's command line defaults to BiPer's setting, by name, as an example;
-# analysis.py reproduces the BiPer and FDA papers' figures.)
+# (the summary command, cli/summary.py, defaults to BiPer's setting, by name, as an example;
+# analysis.py and plots.py reproduce the BiPer and FDA papers' figures.)
 GENERIC_FILES = ["fda_biper_jax/train/trainer.py", "fda_biper_jax/train/runs.py",
                  "fda_biper_jax/nn/linen.py", "fda_biper_jax/trace.py",
                  "fda_biper_jax/deploy/inference.py", "fda_biper_jax/deploy/export.py",

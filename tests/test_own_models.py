@@ -18,9 +18,9 @@ import optax
 import pytest
 from flax import linen as nn
 
-from experiments import export as export_cli
 from experiments.configs import tiny
 from fda_biper_jax import binarize, layers, models, summary, trace, train, training_step
+from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import export, inference
 from fda_biper_jax.nn import linen
 from fda_biper_jax.train import runs
@@ -320,3 +320,15 @@ def test_the_wheel_installs_alone_and_trains_a_users_model(tmp_path):
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.startswith("ok 0.2.0") and str(venv) in out.stdout
+  # The console scripts: the summary runs; the analysis, without its extra, says what to install.
+  summary = subprocess.run([str(venv / "bin" / "fda-biper-jax-summary"), "--model=tiny_cnn",
+                            "--input_shape=8,8,3"], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+  assert summary.returncode == 0 and summary.stdout.startswith("tiny_cnn stats"), summary.stderr
+  analysis = subprocess.run([str(venv / "bin" / "fda-biper-jax-analysis"), "qe", "--out=figs"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert (analysis.returncode, analysis.stderr.strip()) == (
+      1, 'fda-biper-jax-analysis: error: the analysis needs matplotlib: '
+         'pip install "fda_biper_jax[analysis]"')
+  for script in ("fda-biper-jax-train", "fda-biper-jax-export"):
+    assert os.access(venv / "bin" / script, os.X_OK), script

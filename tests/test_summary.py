@@ -171,64 +171,52 @@ def test_bad_input_shape():
     summarize(Tiny(), (0, 8, 3))
 
 
+PROG = "python -m fda_biper_jax.cli.summary"
+
+
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, "-m", "fda_biper_jax.summary", *args],
+  return subprocess.run([sys.executable, "-m", "fda_biper_jax.cli.summary", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def test_cli_bad_model_name_one_line_error():
-  r = _cli("--model", "no_such_model")
-  assert r.returncode != 0 and "Traceback" not in r.stderr
-  err = r.stderr.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("python -m fda_biper_jax.summary: error: ")
-  if HAVE_MODELS:
-    assert "no_such_model" in err[0]
-
-
-def _main(capsys, *args):
-  """Runs the CLI in-process: (exit status, stdout, stderr)."""
-  try:
-    rc = summary.main(list(args))
-  except SystemExit as e:  # argparse's own errors
-    rc = e.code
-  out, err = capsys.readouterr()
-  return rc, out, err
-
-
-def test_cli_bad_options_one_line_error(capsys):
-  for args in (["--input-shape", "32,32"], ["--num-classes", "0"], ["--scaling", "bogus"],
-               ["--kernel-quantizer", "nope"], ["--input-quantizer", "nope"]):
-    rc, out, err = _main(capsys, "--model", "resnet20", *args)
-    assert rc == 2 and out == "" and "Traceback" not in err, args
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("python -m fda_biper_jax.summary: error: "), args
-    if "nope" in args:
-      assert len(err.strip().splitlines()) == 1 and "'nope'" in last
+@pytest.mark.parametrize("args, allowed", [
+    (["--model=no_such_model"], "resnet18_cifar, resnet20, "),
+    (["--model=resnet20", "--input_shape=32,32"], "H,W,C: three positive integers"),
+    (["--model=resnet20", "--num_classes=0"], "a positive integer"),
+    (["--model=resnet20", "--scaling=bogus"], "none, mean_abs, mean_abs_tensor, learned"),
+    (["--model=resnet20", "--kernel_quantizer=nope"], "identity, ste, "),
+    (["--model=resnet20", "--input_quantizer=nope"], "identity, ste, "),
+])
+def test_cli_bad_flag_is_one_line_error(args, allowed):
+  r = _cli(*args)
+  assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+  (err,) = r.stderr.strip().splitlines()
+  assert err.startswith(f"{PROG}: error: {args[-1]} is not allowed; allowed: {allowed}"), err
 
 
 @pytest.mark.skipif(not HAVE_MODELS, reason="fda_biper_jax.models does not exist yet")
 def test_cli_resnet20_table():
-  r = _cli("--model", "resnet20")
+  r = _cli("--model=resnet20")
   assert r.returncode == 0, r.stderr
   assert r.stdout.splitlines()[0].startswith("resnet20 stats (input (32, 32, 3)")
   assert "Ratio of MACs that are binary" in r.stdout and "Compression ratio" in r.stdout
 
 
 @pytest.mark.skipif(not HAVE_MODELS, reason="fda_biper_jax.models does not exist yet")
-def test_cli_json_biper_and_twin(capsys):
-  rc, out, err = _main(capsys, "--model", "resnet20", "--json")
-  assert rc == 0, err
-  d = json.loads(out)
+def test_cli_json_biper_and_twin():
+  r = _cli("--model=resnet20", "--json")
+  assert r.returncode == 0, r.stderr
+  d = json.loads(r.stdout)
   t = d["totals"]
   assert d["model"] == "resnet20" and d["input_shape"] == [32, 32, 3]
   assert t["params_1bit"] > 0 and t["macs_binary"] > 0 and t["compression_ratio"] > 1
   assert t["params"] == t["params_1bit"] + t["params_32bit"]
   assert Summary.from_dict(d).to_dict() == d
-  rc, out, err = _main(capsys, "--model", "resnet20", "--json", "--kernel-quantizer",
-                       "identity", "--input-quantizer", "identity")
-  assert rc == 0, err
-  twin = json.loads(out)["totals"]
+  r = _cli("--model=resnet20", "--json", "--kernel_quantizer=identity",
+           "--input_quantizer=identity")
+  assert r.returncode == 0, r.stderr
+  twin = json.loads(r.stdout)["totals"]
   assert twin["params_1bit"] == 0 and twin["macs_binary"] == 0 and twin["macs_mixed"] == 0
   assert twin["params"] == t["params"] and twin["macs"] == t["macs"]
 

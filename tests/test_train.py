@@ -264,7 +264,7 @@ def test_an_old_config_file_stops_with_one_line(tmp_path):
                         timeout=300)
   assert proc.returncode != 0
   err = proc.stderr.strip().splitlines()
-  assert err[-1].startswith("error: config.fda was removed;"), proc.stderr[-2000:]
+  assert err[-1].startswith("python -m experiments.cifar: error: config.fda was removed;"), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not wd.exists()
 

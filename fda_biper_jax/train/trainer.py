@@ -1,7 +1,7 @@
 """The trainer: config -> data and model -> data-parallel steps -> checkpoints.
 
 `train_and_evaluate(config, workdir)` is the one entry point; the command
-line (`experiments/cifar.py`), the notebooks and the tests all call it.
+line (`fda_biper_jax/cli/train.py`), the notebooks and the tests all call it.
 
 One training step (`make_train_step`), jitted once for the whole run:
 
