@@ -7,6 +7,7 @@ The logic lives in `fda_biper_jax.train`; this file only parses flags. A bad
 setting stops with one line before anything is written.
 """
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -25,9 +26,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FloatingPointError) as e:
     sys.exit(f"error: {e}")
+  if summary.get("stopped"):  # saved at a SIGTERM: exit as the signal would have
+    sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

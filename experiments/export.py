@@ -33,7 +33,7 @@ def export_run(workdir: str, out: str, which: str = "latest") -> dict[str, Any]:
   network = export.export(run.model, run.variables, run.input_shape)
   packed.save(network, out)
   inference.load(out)
-  folder = os.path.join(workdir, "best" if which == "best" else "checkpoints", str(run.step))
+  folder = os.path.join(workdir, "checkpoints", str(run.step))
   folder_bytes = sum(os.path.getsize(os.path.join(d, f))
                      for d, _, files in os.walk(folder) for f in files)
   entries = network.header["layers"]

@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import platform
+import signal
 import sys
 
 import jax
@@ -62,12 +63,13 @@ def main(argv):
       config = quick.get_config(q)
     except ValueError as e:
       sys.exit(f"error: {q}: {e}")
-    config.tensorboard = False
     try:
       workdir = os.path.join(FLAGS.workdir, q.replace("/", "-"))
       out = train.train_and_evaluate(config, workdir)
     except (ValueError, FloatingPointError) as e:
       sys.exit(f"error: {q}: {e}")
+    if out["stopped"]:  # saved at a SIGTERM; a rerun resumes this run
+      sys.exit(128 + signal.SIGTERM)
     norms = last_grad_norms(workdir)
     results[q] = {"test_accuracy": out["final_eval_accuracy"], "steps": out["steps"],
                   "grad_norms": norms, "max_layer_grad_norm": max(norms.values(), default=None)}
