@@ -1,7 +1,8 @@
-"""Numerics written for XLA:CPU's compiler; values identical to the plain forms.
+"""Numerics and compiler options written for XLA:CPU; values identical to the plain forms.
 
 Two rules of XLA:CPU decide how the training step's elementwise work is
-written (measurements in benchmarks/NOTES.md):
+written, and a third which kernels its convolutions run on (measurements in
+benchmarks/NOTES.md):
 
 1. `jnp.sin` and `jnp.cos` lower to a scalar libm call per element, about ten
    times a vectorised multiply-add (`exp` and `tanh` are vectorised
@@ -11,15 +12,23 @@ written (measurements in benchmarks/NOTES.md):
    inside every consumer fusion that can take it, rather than stored once;
    "expensive" operations (divide, exp, ...) are computed once. `materialize`
    stores a value once by ending it with an exact division by one.
+3. XLA:CPU hands some convolutions to YNNPACK (`__ynn_fusion`), which runs
+   each on one thread, while its own Eigen convolution kernels use every
+   core of the intra-op thread pool. `compiler_options()` is what the
+   library's jitted steps pass to `jax.jit(compiler_options=...)`: on the
+   CPU backend it turns the YNNPACK convolutions off (Eigen computes the
+   same convolutions, to float32 rounding).
 
-Both are exact or accurate to a few ulp, and cost nothing on other backends:
-`materialize` is the identity there; `vsin` is used everywhere (its float64
-path is `jnp.sin`).
+All are exact or accurate to a few ulp, and cost nothing on other backends:
+`materialize` is the identity there and `compiler_options()` is empty;
+`vsin` is used everywhere (its float64 path is `jnp.sin`).
 """
 
 from __future__ import annotations
 
 import math
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +176,26 @@ def materialize(x: Array) -> Array:
   if jax.default_backend() != "cpu":
     return x
   return _materialized(x)
+
+
+# The XLA:CPU options of rule 3, by DebugOptions field name. The empty YNN fusion list takes
+# every operation, the convolutions included, away from YNNPACK.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Set to 0 to compile the library's steps with XLA's own defaults.
+OPT_OUT_ENV = "FDA_BIPER_JAX_XLA_CPU_OPTIONS"
+
+
+def compiler_options(backend: str | None = None) -> dict[str, Any]:
+  """The compiler options of the library's jitted steps (`jax.jit(compiler_options=...)`).
+
+  `CPU_COMPILER_OPTIONS` when `backend` (default: JAX's default backend) is
+  'cpu'; {} on every other backend, and when the environment variable
+  FDA_BIPER_JAX_XLA_CPU_OPTIONS is '0'. An option also named in XLA_FLAGS is
+  left out, so a user's own flag wins. The options change which kernels run,
+  not the program's values beyond float32 rounding.
+  """
+  if (backend or jax.default_backend()) != "cpu" or os.environ.get(OPT_OUT_ENV, "1") == "0":
+    return {}
+  flags = os.environ.get("XLA_FLAGS", "")
+  return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}=" not in flags}
+
