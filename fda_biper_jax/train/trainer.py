@@ -45,7 +45,7 @@ from etils import epath
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fda_biper_jax import analysis, methods, models, parallel, trace
+from fda_biper_jax import analysis, methods, models, parallel, trace, xla_cpu
 from fda_biper_jax import data as data_lib
 from fda_biper_jax.data import inputs
 from fda_biper_jax.train import checkpoints as ckpt_lib
@@ -231,7 +231,8 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
   steps_per_epoch)`, so every scheduled method parameter follows the traced
   step; the metrics carry the learning rate, the scheduled values of
   `quantizers` ({label: quantizer}, e.g. `trace.quantizers(model, shape)`),
-  the methods' regularisers and the gradient norm of every kernel.
+  the methods' regularisers and the gradient norm of every kernel. Compiled with
+  `xla_cpu.compiler_options()` (XLA:CPU's kernel choice; nothing on other backends).
   """
   quantizers = dict(quantizers or {})
 
@@ -268,7 +269,8 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
   def step(state, images, labels, key):
     return mapped(state, preprocess(jax.random.fold_in(key, state.step), images), labels)
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return jax.jit(step, donate_argnums=(0,) if donate else (),
+                 compiler_options=xla_cpu.compiler_options())
 
 
 def make_eval_step(model, mesh, preprocess):
