@@ -4,9 +4,13 @@ A workdir (a local path or any `etils.epath` URI, e.g. gs://) receives:
 
 * `config.json`: the resolved training config, written before the first step;
 * `metrics.jsonl`: one JSON record per line, `{"kind": "train" | "eval" |
-  "layers", "step", "epoch", ...}`; a resumed run first drops the records of
-  the steps after its checkpoint (it takes them again), so each step is
-  logged once;
+  "layers", "step", "epoch", ...}`: train records every `log_every_steps`
+  (loss, accuracy, learning rate, scheduled method values, gradient norms,
+  `window_s` the wall seconds since the previous one), eval and layers
+  records at each evaluation (eval: accuracy, loss, `elapsed_s` the wall
+  seconds since this process began training, compilation included); a
+  resumed run first drops the records of the steps after its checkpoint (it
+  takes them again), so each step is logged once;
 * `tensorboard/`: event files written with tensorboardX (the writer needs
   neither TensorFlow nor a running TensorBoard, so it works with the core
   install; clu's writer would pull in TensorFlow): every scalar of the

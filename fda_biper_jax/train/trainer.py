@@ -444,6 +444,7 @@ def _train(config, workdir, model, tx, lr, mesh, source, state, meta, ckpts, run
       last = got[-1]
       runlog.write({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                     "loss": loss, "accuracy": acc, "images_per_sec": rate,
+                    "window_s": now - t_window,
                     "learning_rate": float(last["learning_rate"]),
                     "regularizer": float(last["regularizer"]),
                     **{k: float(v) for k, v in last["scheduled"].items()},
@@ -462,7 +463,8 @@ def _train(config, workdir, model, tx, lr, mesh, source, state, meta, ckpts, run
       flush_metrics()
       ev = evaluate(eval_step, variables_of(state), source.eval_batches())
       evaluated = last_eval = ev["accuracy"]
-      runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
+      runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch,
+                    "elapsed_s": time.time() - t_start, **ev})
       if layer_log is not None and layer_log.layers:
         runlog.write(*layer_log.record(state.params, step, step / steps_per_epoch))
     # Ties go to the later step, as in the checkpoint manager's ranking.
