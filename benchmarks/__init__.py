@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import sys
 from typing import Any, Callable
 
@@ -25,3 +26,23 @@ def run_and_report(prog: str, measure: Callable[[], Any], format_table: Callable
     return 2
   report(format_table(results), results, json_path)
   return 0
+
+
+def available_cores() -> int:
+  """The CPUs this process may run on (its affinity; XLA:CPU's worker count)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+  """The CPU's model name (lscpu's), or the platform's processor string."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()

@@ -55,31 +55,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from absl import flags
 
-from benchmarks import run_and_report
+from benchmarks import available_cores, cpu_model, run_and_report
 from fda_biper_jax.cli import command
 from fda_biper_jax.data import streaming
 
 FLAGS = flags.FLAGS
 
 DEFAULT_TARGET = 5000.0  # images/s one H100 step may consume (estimate, see the docstring)
-
-
-def available_cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not on Linux
-    return os.cpu_count() or 1
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def prepare(name: str, data_dir: str) -> dict[str, Any]:
@@ -175,7 +157,7 @@ def run(*, num_images: int = 2000, num_eval_images: int = 500,
       shutil.rmtree(data_dir, ignore_errors=True)
   return {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
-      "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}, "
+      "machine": f"{platform.system()} {platform.machine()}, {cpu_model()}, "
                  f"{os.cpu_count()} CPU cores, load average {load[0]:.1f} at start",
       "cores": available_cores(), "tensorflow": tf.__version__, "command": command,
       "settings": {"image_size": image_size, "batch_size": batch_size,

@@ -1,7 +1,8 @@
-"""Numerics written for XLA:CPU's compiler; values identical to the plain forms.
+"""Numerics and compiler options written for XLA:CPU; values identical to the plain forms.
 
-Two rules of XLA:CPU decide how the training step's elementwise work is
-written (measurements in benchmarks/NOTES.md):
+Four rules of XLA:CPU decide how the training step's elementwise work and
+reductions are written and which kernels its convolutions run on
+(measurements in benchmarks/NOTES.md):
 
 1. `jnp.sin` and `jnp.cos` lower to a scalar libm call per element, about ten
    times a vectorised multiply-add (`exp` and `tanh` are vectorised
@@ -11,15 +12,31 @@ written (measurements in benchmarks/NOTES.md):
    inside every consumer fusion that can take it, rather than stored once;
    "expensive" operations (divide, exp, ...) are computed once. `materialize`
    stores a value once by ending it with an exact division by one.
+3. A reduction over every axis but a narrow last one (a per-channel sum over
+   [batch, H, W, C], C = 16 to 64) is vectorised C floats wide and split
+   into windows; `channel_sum` reads the same tensor as a matrix 128 floats
+   wide (several times faster), and `broadcast_channels` makes the gradient
+   of a per-channel broadcast such a sum (BatchNorm's backward).
+4. XLA:CPU hands some convolutions to YNNPACK (`__ynn_fusion`), which runs
+   each on one thread, while its own Eigen convolution kernels use every
+   core of the intra-op thread pool. `compiler_options()` is what the
+   library's jitted steps pass to `jax.jit(compiler_options=...)`: on the
+   CPU backend it turns the YNNPACK convolutions off (Eigen computes the
+   same convolutions, to float32 rounding).
 
-Both are exact or accurate to a few ulp, and cost nothing on other backends:
-`materialize` is the identity there; `vsin` is used everywhere (its float64
+All are exact, accurate to a few ulp, or (the sums and the kernels) equal to
+float32 rounding, and cost nothing on other backends: `materialize` is the
+identity there, `channel_sum` and `broadcast_channels` are the plain forms
+and `compiler_options()` is empty; `vsin` is used everywhere (its float64
 path is `jnp.sin`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +184,82 @@ def materialize(x: Array) -> Array:
   if jax.default_backend() != "cpu":
     return x
   return _materialized(x)
+
+
+# The XLA:CPU options of rule 4, by DebugOptions field name. The empty YNN fusion list takes
+# every operation, the convolutions included, away from YNNPACK.
+CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Set to 0 to compile the library's steps with XLA's own defaults.
+OPT_OUT_ENV = "FDA_BIPER_JAX_XLA_CPU_OPTIONS"
+
+
+def compiler_options(backend: str | None = None) -> dict[str, Any]:
+  """The compiler options of the library's jitted steps (`jax.jit(compiler_options=...)`).
+
+  `CPU_COMPILER_OPTIONS` when `backend` (default: JAX's default backend) is
+  'cpu'; {} on every other backend, and when the environment variable
+  FDA_BIPER_JAX_XLA_CPU_OPTIONS is '0'. An option also named in XLA_FLAGS is
+  left out, so a user's own flag wins. The options change which kernels run,
+  not the program's values beyond float32 rounding.
+  """
+  if (backend or jax.default_backend()) != "cpu" or os.environ.get(OPT_OUT_ENV, "1") == "0":
+    return {}
+  flags = os.environ.get("XLA_FLAGS", "")
+  return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if f"--{k}=" not in flags}
+
+
+def _channel_rows(x: Array) -> tuple[int, int]:
+  """(rows, lanes): x [..., C] read as a [rows, lanes * C] matrix whose width is a
+  multiple of 128 floats (lanes = lcm(C, 128) / C), or (0, 0) when x's leading size
+  is not a multiple of lanes."""
+  c = x.shape[-1]
+  n = math.prod(x.shape[:-1])
+  lanes = math.lcm(c, 128) // c
+  return (n // lanes, lanes) if c and n % lanes == 0 and n >= lanes else (0, 0)
+
+
+def _wide_channel_sum(x: Array) -> Array:
+  rows, lanes = _channel_rows(x)
+  if not rows:
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+  return jnp.sum(jnp.sum(x.reshape(rows, lanes * x.shape[-1]), axis=0).reshape(lanes, -1),
+                 axis=0)
+
+
+def channel_sum(x: Array) -> Array:
+  """sum(x) over every axis but the last, [C], to float32 rounding (another order).
+
+  XLA:CPU vectorises a reduction along the kept axis, C floats wide (16 to 64
+  in the CIFAR ResNets), and splits it into windows; read as a
+  [rows, lanes * C] matrix (lanes * C a multiple of 128) the same sum is one
+  wide column reduction, several times faster, then lanes partial sums per
+  channel are added. Other backends: `jnp.sum`.
+  """
+  if jax.default_backend() != "cpu":
+    return jnp.sum(x, axis=tuple(range(x.ndim - 1)))
+  return _wide_channel_sum(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_channels(v: Array, shape: tuple[int, ...]) -> Array:
+  return jnp.broadcast_to(v, shape)
+
+
+def _broadcast_channels_fwd(v, shape):
+  return jnp.broadcast_to(v, shape), None
+
+
+def _broadcast_channels_bwd(shape, _, g):
+  return (_wide_channel_sum(g).reshape((1,) * (len(shape) - 1) + (-1,)),)
+
+
+_broadcast_channels.defvjp(_broadcast_channels_fwd, _broadcast_channels_bwd)
+
+
+def broadcast_channels(v: Array, shape: Sequence[int]) -> Array:
+  """v [C] (or [1, ..., 1, C]) broadcast to `shape` [..., C]; its gradient is
+  `channel_sum` of the incoming one. Other backends: `jnp.broadcast_to`."""
+  v = jnp.reshape(v, (1,) * (len(shape) - 1) + (shape[-1],))
+  if jax.default_backend() != "cpu":
+    return jnp.broadcast_to(v, tuple(shape))
+  return _broadcast_channels(v, tuple(shape))

@@ -101,6 +101,22 @@ def test_deployment_loads_nothing_from_training_or_data():
                 "'fda_biper_jax.train.runs']", out
 
 
+_STABLEHLO_PROBE = """
+import sys
+from fda_biper_jax.deploy import stablehlo
+print(sorted(m for m in sys.modules if m.startswith(("fda_biper_jax", "flax", "optax",
+             "safetensors", "tensorflow", "orbax"))))
+"""
+
+
+def test_the_stablehlo_loader_loads_only_jax():
+  """Loading a StableHLO artifact needs jax and numpy: importing its loader loads no Flax,
+  optax, models, layers, trainer or data, and nothing else of the package."""
+  out = subprocess.run([sys.executable, "-c", _STABLEHLO_PROBE], cwd=ROOT, capture_output=True,
+                       text=True, check=True, timeout=120).stdout.strip()
+  assert out == "['fda_biper_jax', 'fda_biper_jax.deploy', 'fda_biper_jax.deploy.stablehlo']", out
+
+
 def _python_sources() -> list[str]:
   return [f for f in _tracked(".py") if f.split("/")[0] in (PACKAGE, "experiments",
                                                            "benchmarks")]

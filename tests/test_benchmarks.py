@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from benchmarks import train_step
+from fda_biper_jax import xla_cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,3 +191,48 @@ def test_a_bad_flag_is_one_line_error_before_any_work(module, flag, allowed):
   assert status == 2 and out == ""
   (line,) = err.strip().splitlines()
   assert line.startswith(f"python -m {module}: error: {flag} is not allowed; allowed: {allowed}")
+
+
+VS_ROW_KEYS = {"setting", "batch_size", "framework", "step_s", "step_s_windows", "cpu_s",
+               "cpu_s_windows", "ratio_to_torch", "cpu_ratio_to_torch"}
+
+
+def test_vs_pytorch_jax_half_runs_without_torch(tmp_path, capsys, monkeypatch):
+  """The JAX half alone, with torch made unimportable: the library's step and the same step
+  with XLA's defaults, in one table and JSON; asking for the torch half is one line."""
+  import sys
+
+  from benchmarks import vs_pytorch
+
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ModuleNotFoundError
+  monkeypatch.delitem(sys.modules, "benchmarks.torch_twin", raising=False)
+  path = tmp_path / "vs_pytorch.json"
+  argv = ["--frameworks", "jax,jax_xla_defaults", "--batch_sizes", "8", "--image_size", "8",
+          "--settings", "biper", "--repeats", "2", "--window_steps", "1", "--json", str(path)]
+  assert vs_pytorch.main(argv) == 0
+
+  results = json.loads(path.read_text())
+  assert results["torch"] is None and results["command"].endswith(" ".join(argv))
+  assert results["settings"]["frameworks"] == ["jax", "jax_xla_defaults"]
+  assert results["xla_cpu"] == xla_cpu.compiler_options()
+  assert list(results["machine"]["other_processes_cpu_share"]) == ["8"]
+  rows = results["rows"]
+  assert [(r["framework"], r["setting"], r["batch_size"]) for r in rows] == [
+      ("jax", "biper", 8), ("jax_xla_defaults", "biper", 8)]
+  for r in rows:
+    assert VS_ROW_KEYS <= set(r) and r["step_s"] > 0 and r["cpu_s"] > 0
+    assert len(r["step_s_windows"]) == 2 and r["ratio_to_torch"] is None
+    assert r["compile_s"] > 0 and r["quantization"]["kernel_quantizer"]["name"] == "biper"
+
+  lines = capsys.readouterr().out.splitlines()
+  header = lines.index(next(line for line in lines if line.startswith("| batch | setting |")))
+  columns = lines[header].count("|")
+  body = lines[header + 2:header + 4]
+  assert [line.split(" | ")[:3] for line in body] == [
+      ["| 8", "biper", "jax"], ["| 8", "biper", "jax_xla_defaults"]]
+  assert all(line.count("|") == columns and " n/a " in line for line in body)
+
+  assert vs_pytorch.main(["--frameworks", "jax,torch", "--json", str(path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "torch, which is not installed" in err[0]
+

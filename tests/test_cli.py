@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(ROOT, "pyproject.toml"), "rb") as _f:
   SCRIPTS = tomllib.load(_f)["project"]["scripts"]
 OWN_FLAGS = {"fda-biper-jax-train": "--config, --workdir",
-             "fda-biper-jax-export": "--out, --which, --workdir",
+             "fda-biper-jax-export": "--out, --stablehlo, --which, --workdir",
              "fda-biper-jax-summary": "--input_quantizer, --input_shape, --json, "
                                       "--kernel_quantizer, --model, --num_classes, --scaling",
              "fda-biper-jax-analysis": "--out, --workdir, --workdirs"}

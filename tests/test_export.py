@@ -6,10 +6,13 @@ binary quantizer round-trips export -> bytes -> load -> `Predictor` to the
 model's own eval-mode logits (random variables from the init's shapes, with
 non-trivial BatchNorm), and one real checkpoint of a tiny training run
 round-trips through `experiments.export.export_run` and the command line.
+The StableHLO artifact of a packed network runs in a fresh process that
+cannot import Flax, optax or the models, to the Predictor's logits bit for bit.
 """
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import pathlib
@@ -27,6 +30,7 @@ from fda_biper_jax import data, models, train
 from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import export, inference
 from fda_biper_jax.deploy import packed as packed_lib
+from fda_biper_jax.deploy import stablehlo
 from fda_biper_jax.train import runs
 from fda_biper_jax.data import inputs
 
@@ -253,13 +257,16 @@ def test_checkpoint_round_trip(tmp_path):
   info, [(images, _)] = inputs.load_shards(config, "test", [0], 1)
   _assert_same_logits(model, variables, packed, data.normalize(images, info))  # every test image
 
-  cli = str(tmp_path / "cli.safetensors")
+  cli, hlo = str(tmp_path / "cli.safetensors"), str(tmp_path / "cli.stablehlo")
   run = subprocess.run([sys.executable, "-m", "experiments.export", f"--workdir={workdir}",
-                        f"--out={cli}", "--which=latest"], cwd=ROOT, capture_output=True,
-                       text=True, check=False)
+                        f"--out={cli}", "--which=latest", f"--stablehlo={hlo}"], cwd=ROOT,
+                       capture_output=True, text=True, check=False)
   assert run.returncode == 0, run.stderr
   assert "exported tiny_cnn (latest checkpoint, step 16)" in run.stdout
+  assert f"wrote the StableHLO artifact {hlo}: {os.path.getsize(hlo):,} bytes" in run.stdout
   assert inference.load(cli).arrays.keys() == packed.arrays.keys()
+  x = data.normalize(images, info)[:5]
+  np.testing.assert_array_equal(stablehlo.load(hlo)(x), inference.Predictor(inference.load(cli))(x))
 
 
 def test_export_argument_errors(tmp_path):
@@ -394,6 +401,138 @@ def test_inconsistent_files_are_rejected():
   for data, match in cases:
     with pytest.raises(ValueError, match=match):
       _load_checked(data)
+
+# --------------------------------------------------------------------------
+# StableHLO artifact
+# --------------------------------------------------------------------------
+
+# Runs in a fresh process with a clean environment: a finder first on sys.meta_path
+# makes Flax, optax and the package's models, layers, trainer and data unimportable.
+_FRESH = """
+import importlib.abc, sys
+
+BLOCKED = ("flax", "optax", "safetensors", "tensorflow", "fda_biper_jax.models",
+           "fda_biper_jax.nn", "fda_biper_jax.train", "fda_biper_jax.data")
+
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+      raise ImportError(f"{name} is blocked")
+    return None
+
+sys.meta_path.insert(0, Block())
+import jax
+import numpy as np
+
+path, inputs, outputs = sys.argv[1:]
+raw = jax.export.deserialize(bytearray(open(path, "rb").read()))  # jax alone
+assert not [m for m in sys.modules if m.startswith("fda_biper_jax")]
+from fda_biper_jax.deploy import stablehlo
+artifact = stablehlo.load(path)
+x = dict(np.load(inputs))
+np.savez(outputs, raw=raw.call(x["big"]), **{k: artifact(v) for k, v in x.items()})
+print(sorted(m for m in sys.modules if m.startswith(("fda_biper_jax", "flax", "optax"))))
+print(list(artifact.platforms), artifact.input_shape)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_stablehlo():
+  """(packed, artifact bytes) of the tiny model: symbolic batch, cpu + cuda + tpu."""
+  packed = _exported("tiny_cnn")[2]
+  return packed, stablehlo.to_bytes(export.stablehlo(packed))
+
+
+def test_stablehlo_runs_in_a_fresh_process_without_the_models(tmp_path, tiny_stablehlo):
+  """Two batch sizes through one artifact (symbolic batch), in a process that cannot
+  import Flax or the models: the Predictor's logits, bit for bit."""
+  packed, data = tiny_stablehlo
+  path, inputs, outputs = (str(tmp_path / n) for n in ("tiny.stablehlo", "x.npz", "y.npz"))
+  pathlib.Path(path).write_bytes(data)
+  x = {"one": np.asarray(_images(_shape("tiny_cnn"), batch=1, seed=2)),
+       "big": np.asarray(_images(_shape("tiny_cnn"), batch=5, seed=3))}
+  np.savez(inputs, **x)
+  env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "")}
+  run = subprocess.run([sys.executable, "-c", _FRESH, path, inputs, outputs], cwd=ROOT,
+                       env=env, capture_output=True, text=True, check=False, timeout=300)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.splitlines() == [
+      "['fda_biper_jax', 'fda_biper_jax.deploy', 'fda_biper_jax.deploy.stablehlo']",
+      "['cpu', 'cuda', 'tpu'] (None, 8, 8, 3)"]
+  got = dict(np.load(outputs))
+  predictor = inference.Predictor(packed)
+  for name, images in x.items():
+    np.testing.assert_array_equal(got[name], predictor(images))
+  np.testing.assert_array_equal(got["raw"], got["big"])
+  # One image's logits depend on the batch size only by float32 rounding (XLA vectorises
+  # the float layers' sums by batch size): 2e-7 measured.
+  x2 = np.concatenate([x["one"], x["big"]])
+  np.testing.assert_allclose(stablehlo.from_bytes(data)(x2)[:1], got["one"], rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_stablehlo_fixed_batch_and_argument_errors(tmp_path, tiny_stablehlo):
+  packed, _ = tiny_stablehlo
+  path = str(tmp_path / "net.safetensors")
+  packed_lib.save(packed, path)
+  artifact = export.stablehlo(path, batch_size=2, platforms=["cpu"])  # from a file
+  assert artifact.input_shape == (2, 8, 8, 3) and artifact.platforms == ("cpu",)
+  assert artifact.metadata["model"]["name"] == "tiny_cnn"
+  x = _images(_shape("tiny_cnn"), batch=2)
+  np.testing.assert_array_equal(artifact(x), inference.Predictor(packed)(x))
+  with pytest.raises(ValueError, match=r"shape \(3, 8, 8, 3\) do not fit the artifact, which "
+                                       r"takes \(2, 8, 8, 3\)"):
+    artifact(_images(_shape("tiny_cnn"), batch=3))
+  with pytest.raises(ValueError, match="batch_size=0: a positive int"):
+    export.stablehlo(packed, batch_size=0)
+  with pytest.raises(ValueError, match=r"platforms=\['gpu'\]: one or more of"):
+    export.stablehlo(packed, platforms=("gpu",))
+
+
+def _framed(payload: bytes, trailer: bytes) -> bytes:
+  """An artifact's layout around any payload and trailer bytes (`deploy.stablehlo`)."""
+  return payload + trailer + len(trailer).to_bytes(8, "little") + stablehlo.MAGIC
+
+
+def _with_trailer(payload: bytes, **fields) -> bytes:
+  return _framed(payload, json.dumps(fields).encode())
+
+
+def _bad_artifacts(data: bytes, tiny_file: bytes) -> list[tuple[str, bytes, str]]:
+  """(what, bytes, the error it must raise) of broken or foreign files."""
+  tail = 8 + len(stablehlo.MAGIC)
+  length = int.from_bytes(data[-tail:-len(stablehlo.MAGIC)], "little")
+  payload, trailer = data[:-tail - length], json.loads(data[-tail - length:-tail])
+  flipped = bytearray(data)
+  flipped[len(payload) // 2] ^= 0x01
+  garbage = b"\x07" * 100
+  return [
+      ("empty", b"", "not a complete one"),
+      ("cut at the end", data[:-1], "not a complete one"),
+      ("cut in half", data[:len(data) // 2], "not a complete one"),
+      ("extended", data + b"\0", "not a complete one"),
+      ("packed file", tiny_file, "not a complete one"),
+      ("payload cut", data[1:], "the artifact is truncated: its payload is"),
+      ("long trailer", data[:-tail] + (len(data)).to_bytes(8, "little") + stablehlo.MAGIC,
+       "the artifact is truncated"),
+      ("bad trailer", _framed(payload, b"{not json"), "trailer is not valid"),
+      ("a bit flipped", bytes(flipped), "fails its SHA-256 checksum"),
+      ("version", _with_trailer(payload, **dict(trailer, version=2)),
+       r"artifact version 2 is not supported; supported: \[1\]"),
+      ("format", _with_trailer(payload, **dict(trailer, format="other")),
+       "format='other' is not supported"),
+      ("not jax's", _with_trailer(garbage, **dict(trailer, payload_bytes=100,
+                                                  sha256=hashlib.sha256(garbage).hexdigest())),
+       "cannot read this artifact"),
+  ]
+
+
+def test_bad_stablehlo_artifacts_are_rejected_with_one_line(tiny_stablehlo, tiny_file):
+  _, data = tiny_stablehlo
+  for what, bad, match in _bad_artifacts(data, tiny_file):
+    with pytest.raises(ValueError, match=match) as e:
+      stablehlo.from_bytes(bad)
+    assert "\n" not in str(e.value), (what, str(e.value))
 
 
 # --------------------------------------------------------------------------

@@ -2,13 +2,18 @@
 
   python -m experiments.cifar --config=experiments/configs/tiny.py --workdir=runs/tiny
 
-No download; the tests and the notebooks' CPU mode use this config.
+No download; the tests and the notebooks' CPU mode use this config. An argument
+names a registered method to train with its own settings instead of BiPer (as
+quick.py's; the sweep's tests use it):
+
+  python -m experiments.sweep --config=experiments/configs/tiny.py --seeds=2
 """
 
+from experiments.configs import recipes
 from fda_biper_jax.train.config import default as get_base_config
 
 
-def get_config():
+def get_config(method: str = ""):
   c = get_base_config()
   c.dataset = "synthetic"
   c.synthetic.num_train, c.synthetic.num_test = 256, 128
@@ -23,4 +28,7 @@ def get_config():
   c.crop_pad = 1
   c.log_every_steps, c.checkpoint_every_steps, c.eval_every_epochs = 4, 4, 1
   c.tensorboard = False
+  if method:
+    name, _, variant = method.partition("/")
+    c.quantization = recipes.usage(name, variant)
   return c

@@ -7,8 +7,12 @@ The config file's get_config() returns the trainer's config: `fda_biper_jax.trai
 papers'; there `python -m experiments.cifar` is this command). A rerun resumes from the
 workdir's checkpoints; `--config.eval_only=True` evaluates the latest one. A bad flag,
 config file or override, or a setting the trainer rejects, stops with one line before
-anything is written (exit status 2); a non-finite loss stops the run with one line (1).
+anything is written (exit status 2); a non-finite loss stops the run with one line (1); a
+SIGTERM saves the step the run is at and exits as the signal would (143).
 """
+
+import signal
+import sys
 
 from absl import flags
 
@@ -28,11 +32,13 @@ def define_flags() -> None:
 def main(argv) -> None:
   command.no_arguments(argv)
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ValueError as e:
     command.fail(e)
   except FloatingPointError as e:
     command.fail(e, command.FAILURE)
+  if summary.get("stopped"):  # saved at a SIGTERM: exit as the signal would have
+    sys.exit(128 + signal.SIGTERM)
 
 
 def run() -> None:

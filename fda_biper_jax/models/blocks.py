@@ -36,10 +36,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, ClassVar
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from fda_biper_jax import xla_cpu
 from fda_biper_jax.nn.linen import BinaryConv, BinaryDense, BinarySpec
 
 Array = jax.Array
@@ -63,6 +65,64 @@ kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 def hardtanh(x: Array) -> Array:
   """clip(x, -1, 1): the activation of the BiPer / ReCU / IR-Net models."""
   return jnp.clip(x, -1, 1)
+
+
+class BatchNorm(nn.BatchNorm):
+  """Flax's `nn.BatchNorm` (same fields, parameters, statistics and values, to float32
+  rounding) with its per-channel sums in XLA:CPU's fast form.
+
+  Over the last axis, without a mask and with the fast variance (the models'
+  use): mean = sum(x) / n and var = max(sum(x^2) / n - mean^2, 0) by
+  `xla_cpu.channel_sum` (pmean'd over `axis_name` in training), and
+  y = (x - mean) * (scale / sqrt(var + epsilon)) + bias with the per-channel
+  vectors broadcast by `xla_cpu.broadcast_channels`, so that the gradient's
+  sums over the batch are channel sums too. The running averages follow
+  flax's update. Any other use is flax's own `__call__`. On other backends
+  the forms are flax's.
+  """
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+    if mask is not None or not self.use_fast_variance or self.axis not in (-1, x.ndim - 1):
+      return super().__call__(x, use_running_average, mask=mask)
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                         use_running_average)
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean, var = self._batch_stats(x)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return self._normalize(x, mean, var)
+
+  def _batch_stats(self, x):
+    """(mean, var) per channel, float32, over every axis but the last (and the devices)."""
+    x32 = x.astype(jnp.promote_types(self.dtype or x.dtype, jnp.float32))
+    n = x.size // x.shape[-1]
+    moments = jnp.stack([xla_cpu.channel_sum(x32), xla_cpu.channel_sum(x32 * x32)]) / n
+    if self.axis_name is not None and not self.is_initializing():
+      moments = jax.lax.pmean(moments, self.axis_name,
+                              axis_index_groups=self.axis_index_groups)
+    mean, mean2 = moments[0], moments[1]
+    return mean, jnp.maximum(0.0, mean2 - mean * mean)
+
+  def _normalize(self, x, mean, var):
+    c = x.shape[-1]
+    mul = jax.lax.rsqrt(var + self.epsilon)
+    args = [x]
+    if self.use_scale:
+      scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+      mul, args = mul * scale, args + [scale]
+    y = (x - xla_cpu.broadcast_channels(mean, x.shape)) * xla_cpu.broadcast_channels(
+        mul, x.shape)
+    if self.use_bias:
+      bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+      y, args = y + xla_cpu.broadcast_channels(bias, x.shape), args + [bias]
+    return jnp.asarray(y, flax.linen.dtypes.canonicalize_dtype(*args, dtype=self.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +157,9 @@ class Context:
 
   def batch_norm(self, name: str | None = None) -> nn.BatchNorm:
     """BatchNorm over every axis but the last, statistics pmean'd over `axis_name`."""
-    return nn.BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM,
-                        epsilon=BN_EPSILON, axis_name=self.axis_name, dtype=self.dtype,
-                        scale_init=nn.initializers.constant(self.bn_scale_init), name=name)
+    return BatchNorm(use_running_average=not self.train, momentum=BN_MOMENTUM,
+                     epsilon=BN_EPSILON, axis_name=self.axis_name, dtype=self.dtype,
+                     scale_init=nn.initializers.constant(self.bn_scale_init), name=name)
 
   def binary_activation(self, x: Array, name: str = "act") -> Array:
     """The activation after a binary layer: hardtanh, or the module the input

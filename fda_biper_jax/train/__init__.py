@@ -4,7 +4,8 @@
   pieces of its step; its public names are available here (`train.validate`,
   `train.make_train_step`, ...), loaded on first use;
 * `schedules`: the learning rate per step;
-* `checkpoints`: the run's orbax checkpoints;
+* `checkpoints`: the run's orbax checkpoint manager and the stop signal;
+* `runlog`: config.json, metrics.jsonl and TensorBoard events of a workdir;
 * `runs`: a finished run as an artifact, (model, variables, meta), restored
   without the optimizer (what evaluation, export and analysis use).
 
@@ -14,7 +15,7 @@ trainer (optax, the data pipeline).
 
 import importlib
 
-_TRAINER = ("COMPUTE_DTYPES", "DECAY_MASKS", "OPTIMIZERS", "LayerLog", "RunLog", "TrainState",
+_TRAINER = ("COMPUTE_DTYPES", "DECAY_MASKS", "OPTIMIZERS", "TrainState",
             "create_model", "create_state", "decay_mask", "evaluate", "factory_path", "grad_norms", "init_from_stage",
             "learning_rate", "make_eval_step", "make_optimizer", "make_train_step",
             "quantization", "train_and_evaluate", "validate", "variables_of")

@@ -12,7 +12,6 @@ per-example input shape and the training config, on one device. Evaluation
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
 import jax
@@ -67,7 +66,7 @@ def restore(workdir: str, which: str = "latest", *, axis_name: str | None = None
   """
   if which not in WHICH:
     raise ValueError(f"which={which!r} is not allowed; allowed: {list(WHICH)}")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not checkpoints.directory(workdir).is_dir():
     raise ValueError(f"workdir={workdir!r} holds no checkpoints/ folder (a training run's "
                      "workdir is expected)")
   ckpts = checkpoints.Checkpoints(workdir)

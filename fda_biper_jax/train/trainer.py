@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import time
 from typing import Any, Mapping
@@ -42,13 +41,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fda_biper_jax import analysis, methods, models, parallel, trace
+from fda_biper_jax import analysis, methods, models, parallel, trace, xla_cpu
 from fda_biper_jax import data as data_lib
 from fda_biper_jax.data import inputs
 from fda_biper_jax.train import checkpoints as ckpt_lib
+from fda_biper_jax.train import runlog as runlog_lib
 from fda_biper_jax.train import runs
 from fda_biper_jax.train import schedules as schedules_lib
 
@@ -114,7 +115,7 @@ def validate(config, mesh=None, *, data: bool = True) -> None:
       _fail(f"{key}={config[key]!r} is not allowed; it must be an integer >= 1")
   # The model and its quantizers: unknown names and bad values raise here.
   create_model(config, 10)
-  if config.init_from and not os.path.isdir(config.init_from):
+  if config.init_from and not epath.Path(config.init_from).is_dir():
     _fail(f"init_from={config.init_from!r} is not a directory (a stage-1 workdir is expected)")
 
 
@@ -230,7 +231,8 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
   steps_per_epoch)`, so every scheduled method parameter follows the traced
   step; the metrics carry the learning rate, the scheduled values of
   `quantizers` ({label: quantizer}, e.g. `trace.quantizers(model, shape)`),
-  the methods' regularisers and the gradient norm of every kernel.
+  the methods' regularisers and the gradient norm of every kernel. Compiled with
+  `xla_cpu.compiler_options()` (XLA:CPU's kernel choice; nothing on other backends).
   """
   quantizers = dict(quantizers or {})
 
@@ -267,7 +269,8 @@ def make_train_step(model, tx, learning_rate: optax.Schedule, mesh, preprocess, 
   def step(state, images, labels, key):
     return mapped(state, preprocess(jax.random.fold_in(key, state.step), images), labels)
 
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+  return jax.jit(step, donate_argnums=(0,) if donate else (),
+                 compiler_options=xla_cpu.compiler_options())
 
 
 def make_eval_step(model, mesh, preprocess):
@@ -303,65 +306,6 @@ def evaluate(eval_step, variables, batches) -> dict[str, float]:
           "loss": float(totals["loss_sum"] / totals["count"])}
 
 
-# --------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------
-
-
-class RunLog:
-  """Progress lines on stdout, metrics as JSON lines (appended) in the workdir,
-  and TensorBoard event files when TensorFlow is importable."""
-
-  def __init__(self, workdir: str, tensorboard: bool):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.tb = None
-    if tensorboard and jax.process_index() == 0:
-      try:  # optional: TensorFlow's summary writer needs the tensorboard package too
-        import tensorboard  # noqa: F401, PLC0415
-        import tensorflow as tf  # noqa: PLC0415
-        tf.config.set_visible_devices([], "GPU")
-        self.tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        log.warning("TensorBoard is not installed: metrics go to metrics.jsonl only")
-
-  def truncate_after(self, step: int) -> None:
-    """Keeps the records of steps <= step (a resumed run logs the later ones again) and
-    drops a line a killed run left half-written."""
-    if jax.process_index() != 0 or not os.path.exists(self.path):
-      return
-    kept = []
-    with open(self.path) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-          kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = f"{self.path}.tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
-
-  def write(self, record: dict[str, Any]) -> None:
-    if jax.process_index() != 0:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self.tb is not None:
-      with self.tb.as_default(step=record["step"]):
-        import tensorflow as tf  # noqa: PLC0415
-        for k, v in record.items():
-          if isinstance(v, (int, float)) and k not in ("step",):
-            tf.summary.scalar(f"{record['kind']}/{k}", v)
-      self.tb.flush()
-
-  @staticmethod
-  def say(msg: str) -> None:
-    if jax.process_index() == 0:
-      print(msg, flush=True)
-
-
 def _duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -372,30 +316,6 @@ def _duration(seconds: float) -> str:
 # --------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------
-
-
-class LayerLog:
-  """Per binarized layer, at each evaluation: the Laplace scale b of the latent
-  weights, the quantization error of the layer's binarizer (BiPer Eq. 1 / 4;
-  `analysis.layer_stats`) and the share of binarized weights that flipped
-  since the previous evaluation (BiPer Fig. 4)."""
-
-  def __init__(self, model, image_shape, state):
-    self.layers = analysis.binarized_layers(model, image_shape)
-    self.previous = self._kernels(state)
-
-  def _kernels(self, state):
-    return analysis.binarized_kernels(jax.device_get(state.params), self.layers)
-
-  def record(self, state, step: int, epoch: float) -> dict[str, Any]:
-    kernels = self._kernels(state)
-    stats = analysis.layer_stats(jax.device_get(state.params), self.layers)
-    flips = analysis.sign_flip_share(self.previous, kernels, self.layers)
-    for path, share in flips.layers.items():
-      stats[path]["sign_flip_share"] = share
-    self.previous = kernels
-    return {"kind": "layers", "step": step, "epoch": epoch, "sign_flip_share": flips.overall,
-            "layers": stats}
 
 
 def _meta(config, model, input_shape) -> dict[str, Any]:
@@ -442,10 +362,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.eval_only:
     return _evaluate_only(workdir, mesh, source)
 
-  os.makedirs(workdir, exist_ok=True)
-  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints)
-  runlog = RunLog(workdir, config.tensorboard)
-
   steps_per_epoch = source.steps_per_epoch
   model = create_model(config, source.num_classes, axis_name=parallel.AXIS)
   lr = learning_rate(config, steps_per_epoch)
@@ -455,25 +371,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = init_from_stage(state, config.init_from)
   meta = _meta(config, model, source.image_shape)
 
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=config.keep_checkpoints,
+                               every_steps=config.checkpoint_every_steps)
   restored = ckpts.restore_latest(state)
   if restored is not None:
-    step0, state, _ = restored
-    runlog.truncate_after(step0)  # the steps after the checkpoint are taken again
-    runlog.say(f"resuming from step {step0} in {workdir}")
+    state = restored[1]
+  # The records and events after the checkpoint are dropped: those steps are taken again.
+  runlog = runlog_lib.RunLog(workdir, tensorboard=config.tensorboard,
+                             resume_step=None if restored is None else restored[0])
+  runlog.write_config(meta["config"])
+  if restored is not None:
+    runlog.say(f"resuming from step {restored[0]} in {workdir}")
   state = parallel.replicate(state, mesh)
+  with ckpt_lib.StopSignal() as stop:
+    summary = _train(config, workdir, model, tx, lr, mesh, source, state, meta, ckpts, runlog,
+                     aug_key, stop)
+  ckpts.close()
+  if not summary["stopped"]:
+    runlog.write_hparams(meta["config"], {k: summary[k] for k in (
+        "final_eval_accuracy", "best_eval_accuracy")})
+  runlog.close()
+  return summary
 
-  layer_log = LayerLog(model, source.image_shape, state) if config.log_layer_stats else None
+
+def _train(config, workdir, model, tx, lr, mesh, source, state, meta, ckpts, runlog, aug_key,
+           stop):
+  """The training loop of `train_and_evaluate`, from `state` to the last step or a stop."""
+  steps_per_epoch = source.steps_per_epoch
+  layer_log = (runlog_lib.LayerLog(model, source.image_shape, state.params)
+               if config.log_layer_stats else None)
   total = config.num_epochs * steps_per_epoch
   train_step = make_train_step(model, tx, lr, mesh, source.preprocess, total_steps=total,
                                steps_per_epoch=steps_per_epoch,
                                quantizers=trace.quantizers(model, source.image_shape))
   eval_step = make_eval_step(model, mesh, source.eval_preprocess)
+  ckpt_dir = ckpt_lib.directory(workdir)
 
   step = int(state.step)
-  best = {"accuracy": -1.0, "step": None}
-  if ckpts.best.best_step() is not None:
-    best = {"accuracy": ckpts.best.metrics(ckpts.best.best_step())["accuracy"],
-            "step": ckpts.best.best_step()}
+  best = {"accuracy": ckpts.best_accuracy(), "step": ckpts.best_step()}
   pending: list = []
   last_eval = None
   t_window, n_window, t_start, step_start = time.time(), 0, time.time(), step
@@ -489,10 +424,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if not math.isfinite(float(m["loss"])):
         raise FloatingPointError(
             f"loss became {float(m['loss'])} at step {int(m['step'])}; stopping. The last "
-            f"good checkpoint is kept in {os.path.join(workdir, 'checkpoints')}")
+            f"good checkpoint is kept in {ckpt_dir}")
     return got
 
-  while step < total:
+  while step < total and not stop.requested:
     state, metrics = train_step(state, *source.train_batch(step), aug_key)
     metrics["step"] = step + 1
     pending.append(metrics)
@@ -509,6 +444,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       last = got[-1]
       runlog.write({"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                     "loss": loss, "accuracy": acc, "images_per_sec": rate,
+                    "window_s": now - t_window,
                     "learning_rate": float(last["learning_rate"]),
                     "regularizer": float(last["regularizer"]),
                     **{k: float(v) for k, v in last["scheduled"].items()},
@@ -521,32 +457,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                  f" | {rate:,.0f} img/s | ETA {_duration(eta)}")
       t_window, n_window = time.time(), 0
 
+    evaluated = None
     epoch_end = step % steps_per_epoch == 0
     if (epoch_end and (step // steps_per_epoch) % config.eval_every_epochs == 0) or step == total:
       flush_metrics()
       ev = evaluate(eval_step, variables_of(state), source.eval_batches())
-      last_eval = ev["accuracy"]
-      runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch, **ev})
+      evaluated = last_eval = ev["accuracy"]
+      runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch,
+                    "elapsed_s": time.time() - t_start, **ev})
       if layer_log is not None and layer_log.layers:
-        runlog.write(layer_log.record(state, step, step / steps_per_epoch))
-      if ev["accuracy"] > best["accuracy"]:
-        best = {"accuracy": ev["accuracy"], "step": step}
-        ckpts.save_best(step, state, meta, ev["accuracy"])
-    if step % config.checkpoint_every_steps == 0 or step == total:
+        runlog.write(*layer_log.record(state.params, step, step / steps_per_epoch))
+    # Ties go to the later step, as in the checkpoint manager's ranking.
+    improved = evaluated is not None and (best["accuracy"] is None
+                                          or evaluated >= best["accuracy"])
+    if improved:
+      best = {"accuracy": evaluated, "step": step}
+    if improved or step == total or stop.requested or ckpts.should_save(step):
       flush_metrics()
-      ckpts.save(step, state, meta)
+      ckpts.save(step, state, meta, evaluated)
 
-  ckpts.wait()
-  ckpts.close()
-  summary = {"workdir": workdir, "steps": step, "final_eval_accuracy": last_eval,
-             "best_eval_accuracy": best["accuracy"], "best_step": best["step"],
-             "best_checkpoint": os.path.join(workdir, "best", str(best["step"])),
-             "latest_checkpoint": os.path.join(workdir, "checkpoints", str(step))}
-  runlog.say(f"done: best eval accuracy {100 * best['accuracy']:.2f}% at step {best['step']}; "
-             f"checkpoints in {os.path.join(workdir, 'checkpoints')} (best: "
-             f"{summary['best_checkpoint']})")
-  summary["state"] = state
-  return summary
+  if stop.requested:
+    runlog.say(f"stopped by signal {stop.signum} at step {step}: saved in {ckpt_dir}; "
+               "rerun the same command to resume")
+  else:
+    runlog.say(f"done: best eval accuracy {100 * best['accuracy']:.2f}% at step {best['step']}; "
+               f"checkpoints in {ckpt_dir}")
+  return {"workdir": workdir, "steps": step, "stopped": stop.requested,
+          "final_eval_accuracy": last_eval, "best_eval_accuracy": best["accuracy"],
+          "best_step": best["step"], "best_checkpoint": str(ckpt_dir / str(best["step"])),
+          "latest_checkpoint": str(ckpt_dir / str(step)), "state": state}
 
 
 def _evaluate_only(workdir, mesh, source):
@@ -557,6 +496,6 @@ def _evaluate_only(workdir, mesh, source):
     _fail(f"eval_only: {e}")
   ev = evaluate(make_eval_step(run.model, mesh, source.eval_preprocess),
                 parallel.replicate(dict(run.variables), mesh), source.eval_batches())
-  RunLog.say(f"eval of {run.meta['model']['name']} at step {run.step} ({workdir}): "
-             f"accuracy {100 * ev['accuracy']:.2f}%, loss {ev['loss']:.4f}")
+  print(f"eval of {run.meta['model']['name']} at step {run.step} ({workdir}): "
+        f"accuracy {100 * ev['accuracy']:.2f}%, loss {ev['loss']:.4f}")
   return {"workdir": workdir, "step": run.step, "model": run.meta["model"], **ev}
