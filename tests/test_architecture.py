@@ -119,7 +119,7 @@ def test_the_stablehlo_loader_loads_only_jax():
 
 def _python_sources() -> list[str]:
   return [f for f in _tracked(".py") if f.split("/")[0] in (PACKAGE, "experiments",
-                                                           "benchmarks")]
+                                                           "benchmarks", "notebooks")]
 
 
 def test_no_private_name_is_imported_across_modules():
@@ -127,7 +127,7 @@ def test_no_private_name_is_imported_across_modules():
   for path in _python_sources():
     for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
       if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in (
-          PACKAGE, "experiments", "benchmarks"):
+          PACKAGE, "experiments", "benchmarks", "notebooks"):
         bad += [f"{path}: from {node.module} import {a.name}" for a in node.names
                 if a.name.startswith("_")]
   assert not bad, bad

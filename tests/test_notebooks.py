@@ -1,4 +1,6 @@
-"""The Colab notebooks in notebooks/: stripped of outputs, and run top to bottom.
+"""The notebooks in notebooks/: stripped of outputs, their links from pyproject.toml, one
+install path, and run top to bottom (their install path in a fresh environment:
+test_notebook_install.py).
 
 Each notebook is executed by nbclient in a fresh IPython kernel (the
 `python3` kernelspec of ipykernel, started with this interpreter), with
@@ -15,11 +17,14 @@ that notebooks training the same step compile it once.
 """
 
 import os
+import shutil
 
 import jax
 import nbclient
 import nbformat
 import pytest
+
+from notebooks import links
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")
@@ -28,6 +33,9 @@ TEST_ENV = "FDA_BIPER_JAX_NOTEBOOK_TEST"
 EXPECTED = {"quickstart.ipynb", "quantizers.ipynb", "two_stage_biper.ipynb"}
 TRAINING = {"quickstart.ipynb", "two_stage_biper.ipynb"}
 CELL_TIMEOUT_S = 600
+# The retired Colab TPU v2-8, and the placeholder of the old install cell.
+RETIRED = ("OWNER", "V28", "TPU v2", "8 TPU cores")
+FORK = "https://github.com/someone/fda_biper_jax_fork"
 
 
 def _read(name: str):
@@ -74,6 +82,40 @@ def test_notebook_is_committed_without_outputs(name):
     assert cell.execution_count is None, f"{name} cell {i} has an execution count"
   first_code = next(c for c in nb.cells if c.cell_type == "code")
   assert TEST_ENV in first_code.source, f"{name}: the first code cell must read {TEST_ENV}"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_links_come_from_pyproject(name):
+  nb = _read(name)
+  url = links.repository_url()
+  assert links.with_links(nb, url, name[:-len(".ipynb")]) == nb, (
+      f"{name}: its badges or REPO_URL disagree with pyproject.toml's {url}; "
+      "run python -m notebooks.links")
+  with open(os.path.join(NOTEBOOK_DIR, name)) as f:
+    text = f.read()
+  assert not [word for word in RETIRED if word in text], name
+
+
+def test_every_notebook_installs_the_same_way():
+  """Setup, install and runtime cells alike, so that test_notebook_install.py runs them all."""
+  paths = {name: [c.source for c in links.install_path(_read(name))] for name in NOTEBOOKS}
+  assert len({tuple(p) for p in paths.values()}) == 1, paths
+
+
+def test_links_follow_a_new_repository_url(tmp_path):
+  shutil.copy(links.PYPROJECT, tmp_path / "pyproject.toml")
+  shutil.copytree(NOTEBOOK_DIR, tmp_path / "notebooks",
+                  ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+  links.set_repository_url(FORK, str(tmp_path / "pyproject.toml"))
+  assert links.repository_url(str(tmp_path / "pyproject.toml")) == FORK
+  assert links.write_links(FORK, str(tmp_path / "notebooks")) == links.notebook_names()
+  assert links.write_links(FORK, str(tmp_path / "notebooks")) == []  # idempotent
+  nb = nbformat.read(tmp_path / "notebooks" / "quickstart.ipynb", as_version=4)
+  assert nb.cells[0].source.count(
+      "someone/fda_biper_jax_fork/blob/main/notebooks/quickstart.ipynb") == 2  # Colab, Kaggle
+  assert f'REPO_URL = "{FORK}"' in links.install_cell(nb).source
+  with pytest.raises(ValueError, match="must be https://github.com/<owner>/<name>"):
+    links.set_repository_url("https://gitlab.com/someone/fork", str(tmp_path / "pyproject.toml"))
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)

@@ -5,7 +5,6 @@ import dataclasses
 import functools
 import inspect
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,7 +24,8 @@ from fda_biper_jax.deploy import export, inference
 from fda_biper_jax.nn import linen
 from fda_biper_jax.train import runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import installs  # tests/installs.py
+
 BIPER = dict(kernel_quantizer="biper", input_quantizer="approx_sign", scaling="learned",
              prenorm=True)
 
@@ -297,11 +297,7 @@ _USER_SCRIPT = textwrap.dedent("""
 def test_the_wheel_installs_alone_and_trains_a_users_model(tmp_path):
   """Build the wheel, install it with the core dependencies only into a fresh venv
   (versions from requirements.txt, the lock), train a user's model there."""
-  src = tmp_path / "src"  # a copy: building writes build/ beside the sources
-  shutil.copytree(os.path.join(ROOT, "fda_biper_jax"), src / "fda_biper_jax",
-                  ignore=shutil.ignore_patterns("__pycache__"))
-  for item in ("pyproject.toml", "README.md"):
-    shutil.copy(os.path.join(ROOT, item), src / item)
+  src = installs.copy_sources(tmp_path / "src")
   dist = tmp_path / "dist"
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                   "-q", "-w", str(dist), str(src)], check=True, capture_output=True, timeout=300)
@@ -310,15 +306,12 @@ def test_the_wheel_installs_alone_and_trains_a_users_model(tmp_path):
                          capture_output=True, text=True).stdout
   assert {line.split("/")[0].split()[0] for line in names.splitlines()[1:] if line.strip()} <= {
       "fda_biper_jax", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}
-  venv = tmp_path / "venv"
-  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-  pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel),
-                        "-c", os.path.join(ROOT, "requirements.txt")],
-                       capture_output=True, text=True, timeout=900)
-  assert pip.returncode == 0, pip.stderr[-3000:]
-  out = subprocess.run([str(venv / "bin" / "python"), "-c", _USER_SCRIPT], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600)
+  python = installs.fresh_venv(tmp_path / "venv")
+  installs.pip_install(python, str(wheel))
+  out = subprocess.run([python, "-c", _USER_SCRIPT], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
+  venv = tmp_path / "venv"
   assert out.stdout.startswith("ok 0.2.0") and str(venv) in out.stdout
   # The console scripts: the summary runs; the analysis, without its extra, says what to install.
   summary = subprocess.run([str(venv / "bin" / "fda-biper-jax-summary"), "--model=tiny_cnn",
