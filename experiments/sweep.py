@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ from absl import flags, logging
 
 from experiments.configs import recipes
 from fda_biper_jax import train
-from fda_biper_jax.cli import command
+from fda_biper_jax.cli import command, config_flag
 
 FLAGS = flags.FLAGS
 
@@ -73,16 +72,8 @@ BEGIN, END = "<!-- leaderboard -->", "<!-- /leaderboard -->"
 
 
 def load_config_fn(path: str) -> Callable[[str], Any]:
-  """The `get_config` of a config file; ValueError (one line) when there is none."""
-  if not os.path.isfile(path):
-    raise ValueError(f"--config={path!r} does not exist; a config file with get_config(method) "
-                     "is expected (e.g. experiments/configs/quick.py)")
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not callable(getattr(module, "get_config", None)):
-    raise ValueError(f"--config={path!r} defines no get_config(method)")
-  return module.get_config
+  """The `get_config(method)` of a config file; ValueError (one line) when there is none."""
+  return config_flag.config_module(path, ("get_config",), "experiments/configs/quick.py").get_config
 
 
 def run_dir(workdir: str, method: str, seed: int) -> str:

@@ -40,8 +40,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # The longest test files (about 1-2 minutes each on 2 cores) run first, so
 # the short ones fill in at the end and both workers finish together;
 # alphabetically test_train.py came last and ran alone for over a minute.
-_LONGEST_FIRST = ("test_train.py", "test_notebook_install.py", "test_imagenet.py",
-                  "test_models.py", "test_export.py", "test_notebooks.py")
+_LONGEST_FIRST = ("test_train.py", "test_imagenet.py", "test_own_models.py", "test_models.py",
+                  "test_export.py", "test_sweep.py", "test_benchmarks.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -19,6 +19,7 @@ import subprocess
 
 import nbclient
 import nbformat
+import pytest
 
 from notebooks import links
 
@@ -91,6 +92,7 @@ def _kernel_env() -> dict[str, str]:
           if k not in ("PYTHONPATH", "FDA_BIPER_JAX_NOTEBOOK_TEST")}
 
 
+@pytest.mark.install
 def test_the_install_cell_installs_into_a_fresh_runtime_that_then_trains(tmp_path, monkeypatch):
   python = installs.fresh_venv(tmp_path / "venv")
   installs.pip_install(python, "ipykernel", "jax")  # what the runtime ships

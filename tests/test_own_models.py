@@ -294,6 +294,7 @@ _USER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.install
 def test_the_wheel_installs_alone_and_trains_a_users_model(tmp_path):
   """Build the wheel, install it with the core dependencies only into a fresh venv
   (versions from requirements.txt, the lock), train a user's model there."""

@@ -7,6 +7,7 @@ names a registered method to train with its own settings instead of BiPer (as
 quick.py's; the sweep's tests use it):
 
   python -m experiments.sweep --config=experiments/configs/tiny.py --seeds=2
+  python -m experiments.time_to_accuracy --config=experiments/configs/tiny.py --workdir=runs/t
 """
 
 from experiments.configs import recipes
@@ -32,3 +33,7 @@ def get_config(method: str = ""):
     name, _, variant = method.partition("/")
     c.quantization = recipes.usage(name, variant)
   return c
+
+
+# experiments.time_to_accuracy's stages (its tests): BiPer's two, stage 2 from stage 1.
+STAGES = {"biper": ("biper_sine", "biper")}

@@ -64,15 +64,39 @@ def nearest_file(path: str) -> str:
   return f", e.g. {near[0]}" if near else ""
 
 
+def exec_file(path: str, name: str):
+  """The module that runs the Python file `path` under `name` (exceptions propagate)."""
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  loader.exec_module(module)
+  return module
+
+
+def config_module(path: str, needs: Sequence[str], example: str):
+  """The module of the config file `path` (a sweep's or a recipe's, whose get_config takes
+  an argument); ValueError (one line) unless it exists, loads and defines every name of
+  `needs`. `example` is a file that does."""
+  if not os.path.isfile(path):
+    raise ValueError(f"--config={path!r} does not exist; allowed: a config file defining "
+                     f"{' and '.join(needs)} (e.g. {example}){nearest_file(path)}")
+  try:
+    module = exec_file(path, f"{NAME}_module")
+  except Exception as e:  # noqa: BLE001  (the file's own code)
+    raise ValueError(f"--config={path!r} cannot be loaded ({type(e).__name__}: {e})") from None
+  missing = [n for n in needs if not hasattr(module, n)]
+  if missing:
+    raise ValueError(f"--config={path!r} defines no {', '.join(missing)}; allowed: a config "
+                     f"file defining {' and '.join(needs)} (e.g. {example})")
+  return module
+
+
 def load(value: str) -> tuple[Any, str | None]:
   """(config, None), or (None, what is wrong) for `--config=value`, as the flag loads it."""
   path, *arg = value.split(":", 1)
   if not os.path.isfile(path):
     return None, f"{path} is not a file; allowed: {FILE}{nearest_file(path)}"
-  loader = importlib.machinery.SourceFileLoader(f"{NAME}_file", path)
-  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
   try:
-    loader.exec_module(module)
+    module = exec_file(path, f"{NAME}_file")
   except Exception as e:  # noqa: BLE001  (the file's own code)
     return None, f"{path} cannot be loaded ({type(e).__name__}: {e}); allowed: {FILE}"
   if not callable(getattr(module, "get_config", None)):

@@ -8,7 +8,8 @@ A workdir (a local path or any `etils.epath` URI, e.g. gs://) receives:
   (loss, accuracy, learning rate, scheduled method values, gradient norms,
   `window_s` the wall seconds since the previous one), eval and layers
   records at each evaluation (eval: accuracy, loss, `elapsed_s` the wall
-  seconds since this process began training, compilation included); a
+  seconds since this process began training, compilation included, and
+  `time` the Unix time); a
   resumed run first drops the records of the steps after its checkpoint (it
   takes them again), so each step is logged once;
 * `tensorboard/`: event files written with tensorboardX (the writer needs
@@ -75,7 +76,7 @@ def scalar_tags(record: Mapping[str, Any]) -> dict[str, float]:
   """
   kind = record["kind"]
   out = {f"{kind}/{k}": float(v) for k, v in record.items()
-         if _scalar(v) and k not in ("step", "epoch")}
+         if _scalar(v) and k not in ("step", "epoch", "time")}
   for path, v in record.get("grad_norms", {}).items():
     out[f"grad_norm/{path}"] = float(v)
   if kind == "layers":

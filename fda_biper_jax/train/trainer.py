@@ -464,7 +464,7 @@ def _train(config, workdir, model, tx, lr, mesh, source, state, meta, ckpts, run
       ev = evaluate(eval_step, variables_of(state), source.eval_batches())
       evaluated = last_eval = ev["accuracy"]
       runlog.write({"kind": "eval", "step": step, "epoch": step / steps_per_epoch,
-                    "elapsed_s": time.time() - t_start, **ev})
+                    "elapsed_s": time.time() - t_start, "time": time.time(), **ev})
       if layer_log is not None and layer_log.layers:
         runlog.write(*layer_log.record(state.params, step, step / steps_per_epoch))
     # Ties go to the later step, as in the checkpoint manager's ranking.
