@@ -1,16 +1,16 @@
 """Training-step cost of every quantizer against its full-precision twin.
 
-  python -m benchmarks.train_step [--models resnet20,resnet18_cifar,vgg_small]
-      [--quantizers identity,ste,approx_sign,fda,fda_no_noise,biper,bnn_pp]
-      [--batch_size 128] [--dtype float32|bfloat16] [--repeats 5] [--window_steps 5]
-      [--num_devices N] [--image_shape H,W,C] [--peak_tflops T] [--peak_tbps B]
-      [--json runs/benchmarks/train_step.json]
+  python -m benchmarks.train_step [--models=resnet20,resnet18_cifar,vgg_small]
+      [--quantizers=identity,ste,approx_sign,fda,fda_no_noise,biper,bnn_pp]
+      [--batch_size=128] [--dtype=float32|bfloat16] [--repeats=5] [--window_steps=5]
+      [--num_devices=N] [--image_shape=H,W,C] [--peak_tflops=T] [--peak_tbps=B]
+      [--json=runs/benchmarks/train_step.json]
 
 On one H100, the issue's measurement (resnet18_cifar with BiPer, batch 256,
 bfloat16; aim: 25,000 images/s or more):
 
-  python -m benchmarks.train_step --models resnet18_cifar --quantizers biper \
-      --batch_size 256 --dtype bfloat16
+  python -m benchmarks.train_step --models=resnet18_cifar --quantizers=biper \
+      --batch_size=256 --dtype=bfloat16
 
 Each configuration is a training run's own: its config comes from
 `experiments/configs/recipes.py` (`full_precision` for the identity twin, the
@@ -77,7 +77,6 @@ Measurements and the variants tried, with dates: benchmarks/NOTES.md.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import itertools
@@ -92,11 +91,13 @@ from typing import Any, Callable, Sequence
 import flax
 import jax
 import numpy as np
+from absl import flags
 
 from experiments.configs import recipes
 from benchmarks import run_and_report
 from fda_biper_jax.data import inputs
 from fda_biper_jax import models, parallel, summary, trace, train
+from fda_biper_jax.cli import command
 
 REFERENCE = "identity"
 DEFAULT_MODELS = ("resnet20", "resnet18_cifar", "vgg_small")
@@ -475,52 +476,56 @@ def format_table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def _names(allowed: Sequence[str]) -> Callable[[str], list[str]]:
-  def parse(text: str) -> list[str]:
-    names = text.split(",")
-    bad = [n for n in names if n not in allowed]
-    if bad:
-      raise argparse.ArgumentTypeError(f"unknown names {bad}; allowed: {list(allowed)}")
-    return names
-  return parse
+PROG = "python -m benchmarks.train_step"
+# Its own flag values, as benchmarks.vs_pytorch's: main(argv) runs in-process (the tests).
+FLAGS = flags.FlagValues()
+command.define_names("models", ",".join(DEFAULT_MODELS), models.NAMES,
+                     "The models (on an accelerator, resnet18 at 224x224x3 is added by default).",
+                     flag_values=FLAGS)
+command.define_names("quantizers", ",".join(RECIPES), case_names(),
+                     "The quantizers; the identity twin is always measured too.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 128, "Images per step.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", list(train.COMPUTE_DTYPES), "The compute dtype.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 5, "Timed windows.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("window_steps", 5, "Steps per window.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("num_devices", None, "Devices (default: all).", lower_bound=1,
+                     flag_values=FLAGS)
+command.define("image_shape", None, lambda text: command.integers(text.replace("x", ","), 3),
+               "H,W,C of positive integers", "The input shape of every model (default: each "
+               "model's own, 224x224x3 for the ImageNet models, else 32x32x3).",
+               flag_values=FLAGS)
+command.define_positive_number("peak_tflops", None, "One device's peak TFLOP/s in the compute "
+                               "dtype (default: DEVICE_PEAKS' bf16 figure for bfloat16).",
+                               flag_values=FLAGS)
+command.define_positive_number("peak_tbps", None, "One device's memory bandwidth in TB/s "
+                               "(default: DEVICE_PEAKS').", flag_values=FLAGS)
+flags.DEFINE_string("json", "runs/benchmarks/train_step.json", "Where the results go as JSON.",
+                    flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Parses argv (without the program name) and measures; a bad flag is one line, status 2."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  p = argparse.ArgumentParser(prog="python -m benchmarks.train_step",
-                              description="Training-step cost of each quantizer against "
-                                          "its full-precision twin.")
-  default_models = [*DEFAULT_MODELS, *(ACCELERATOR_MODELS if jax.default_backend() != "cpu"
-                                       else ())]
-  p.add_argument("--models", type=_names(models.NAMES), default=default_models)
-  p.add_argument("--quantizers", type=_names(case_names()), default=list(RECIPES),
-                 help="the identity twin is always measured too")
-  p.add_argument("--batch_size", type=summary.positive_int, default=128)
-  p.add_argument("--dtype", choices=tuple(train.COMPUTE_DTYPES), default="float32")
-  p.add_argument("--repeats", type=summary.positive_int, default=5)
-  p.add_argument("--window_steps", type=summary.positive_int, default=5)
-  p.add_argument("--num_devices", type=summary.positive_int, default=None,
-                 help="default: all devices")
-  p.add_argument("--image_shape", type=summary.parse_shape, default=None,
-                 help="H,W,C for every model (default: each model's own, "
-                      "224x224x3 for the ImageNet models, else 32x32x3)")
-  p.add_argument("--peak_tflops", type=summary.positive_float, default=None,
-                 help="one device's peak TFLOP/s in the compute dtype (default: "
-                      "DEVICE_PEAKS' bf16 figure for bfloat16 compute)")
-  p.add_argument("--peak_tbps", type=summary.positive_float, default=None,
-                 help="one device's memory bandwidth in TB/s (default: DEVICE_PEAKS')")
-  p.add_argument("--json", default="runs/benchmarks/train_step.json",
-                 help="where the results go as JSON")
-  args = p.parse_args(argv)
+  try:
+    FLAGS.unparse_flags()
+    FLAGS([PROG, *argv])
+  except flags.Error as e:
+    print(f"{PROG}: error: {command.flag_error(e)}", file=sys.stderr)
+    return command.USAGE_ERROR
+  models_ = FLAGS.models
+  if not FLAGS["models"].present and jax.default_backend() != "cpu":
+    models_ = [*DEFAULT_MODELS, *ACCELERATOR_MODELS]
 
   def measure():
-    return run(args.models, args.quantizers, batch_size=args.batch_size, dtype=args.dtype,
-               repeats=args.repeats, window_steps=args.window_steps,
-               num_devices=args.num_devices, image_shape=args.image_shape,
-               peak_tflops=args.peak_tflops, peak_tbps=args.peak_tbps,
-               command=f"{p.prog} {shlex.join(argv)}".strip())
+    return run(models_, FLAGS.quantizers, batch_size=FLAGS.batch_size, dtype=FLAGS.dtype,
+               repeats=FLAGS.repeats, window_steps=FLAGS.window_steps,
+               num_devices=FLAGS.num_devices, image_shape=FLAGS.image_shape,
+               peak_tflops=FLAGS.peak_tflops, peak_tbps=FLAGS.peak_tbps,
+               command=f"{PROG} {shlex.join(argv)}".strip())
 
-  return run_and_report(p.prog, measure, format_table, args.json)
+  return run_and_report(PROG, measure, format_table, FLAGS.json)
 
 
 if __name__ == "__main__":

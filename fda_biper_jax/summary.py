@@ -36,7 +36,6 @@ Command line: `fda-biper-jax-summary --model=resnet20` (`fda_biper_jax.cli.summa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from typing import Any, Sequence
@@ -47,7 +46,6 @@ import numpy as np
 from flax import linen as nn
 
 from fda_biper_jax import trace
-from fda_biper_jax.cli import command
 
 MB = 2 ** 20
 KB = 2 ** 10
@@ -352,32 +350,10 @@ def format_table(summary: Summary) -> str:
 
 
 # --------------------------------------------------------------------------
-# Input shapes; argparse types (of benchmarks/train_step.py) from the commands' parsers
+# Input shapes
 # --------------------------------------------------------------------------
 
 
 def default_input_shape(name: str) -> tuple[int, int, int]:
   """224x224x3 for the ImageNet models (resnet18, resnet34), else 32x32x3."""
   return IMAGENET_SHAPE if name in IMAGENET_MODELS or "imagenet" in name else CIFAR_SHAPE
-
-
-def parse_shape(text: str) -> tuple[int, ...]:
-  try:
-    return command.integers(text.replace("x", ","), 3)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a shape H,W,C of positive integers") \
-        from None
-
-
-def positive_int(text: str) -> int:
-  try:
-    return command.integers(text, 1)[0]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
-
-
-def positive_float(text: str) -> float:
-  try:
-    return command.positive_number(text)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(str(e)) from None

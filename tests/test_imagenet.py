@@ -119,7 +119,7 @@ def tiny_variant(config, data_dir, **overrides):
 
 def test_tiny_variant_trains_and_evaluates(data_dir, tmp_path):
   """BiPer's resnet18 recipe, streamed; FDA's runs through the command line below."""
-  c = tiny_variant(CONFIGS["biper resnet18 stage1"], data_dir)
+  c = tiny_variant(CONFIGS["biper resnet18 stage1"], data_dir, num_devices=1)
   out = train.train_and_evaluate(c, str(tmp_path))
   assert out["steps"] == 2
   with open(tmp_path / "metrics.jsonl") as f:

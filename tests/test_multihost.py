@@ -48,6 +48,7 @@ def config():
   sums are added in another order across processes) into whole learning-rate
   steps; SGD keeps the two runs' parameters as close as their gradients."""
   c = tiny.get_config()
+  c.num_devices = 0  # every device of every process (tiny.py takes one)
   c.optimizer.name, c.optimizer.learning_rate = "sgd", 0.05
   c.log_every_steps = 1
   return c

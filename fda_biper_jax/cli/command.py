@@ -144,10 +144,13 @@ class Parser(flags.ArgumentParser):
 
 
 def define(name: str, default: str | None, convert: Callable[[str], Any], allowed_text: str,
-           help_: str, serializer: flags.ArgumentSerializer | None = None) -> flags.FlagHolder:
-  """A flag whose text `convert` turns into its value (a default is given as text)."""
+           help_: str, serializer: flags.ArgumentSerializer | None = None,
+           flag_values: flags.FlagValues = FLAGS) -> flags.FlagHolder:
+  """A flag whose text `convert` turns into its value (a default is given as text), in
+  `flag_values` (absl's global FLAGS, or a module's own for a command called in-process)."""
   return flags.DEFINE(Parser(convert, allowed_text), name, default, help_,
-                      serializer=serializer or flags.ArgumentSerializer())
+                      serializer=serializer or flags.ArgumentSerializer(),
+                      flag_values=flag_values)
 
 
 def integers(text: str, count: int | None = None) -> tuple[int, ...]:
@@ -172,7 +175,8 @@ def positive_number(text: str) -> float:
   return x
 
 
-def define_names(name: str, default: str, choices: Sequence[str], help_: str) -> flags.FlagHolder:
+def define_names(name: str, default: str, choices: Sequence[str], help_: str,
+                 flag_values: flags.FlagValues = FLAGS) -> flags.FlagHolder:
   """A comma-separated list of names, each one of `choices`."""
   choices = tuple(choices)
 
@@ -183,15 +187,17 @@ def define_names(name: str, default: str, choices: Sequence[str], help_: str) ->
     return names
 
   return define(name, default, convert, f"comma-separated names from {', '.join(choices)}",
-                help_, LIST)
+                help_, LIST, flag_values)
 
 
-def define_integers(name: str, default: str | None, help_: str) -> flags.FlagHolder:
+def define_integers(name: str, default: str | None, help_: str,
+                    flag_values: flags.FlagValues = FLAGS) -> flags.FlagHolder:
   """A comma-separated list of positive integers, as a list."""
   return define(name, default, lambda text: list(integers(text)),
-                "comma-separated positive integers", help_, LIST)
+                "comma-separated positive integers", help_, LIST, flag_values)
 
 
-def define_positive_number(name: str, default: float | None, help_: str) -> flags.FlagHolder:
+def define_positive_number(name: str, default: float | None, help_: str,
+                           flag_values: flags.FlagValues = FLAGS) -> flags.FlagHolder:
   return define(name, None if default is None else repr(default), positive_number,
-                "a positive finite number", help_)
+                "a positive finite number", help_, flag_values=flag_values)
