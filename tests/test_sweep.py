@@ -109,3 +109,12 @@ def test_diverged_runs_are_counted_not_averaged():
                           "command": "C"})
   assert _rows(table) == {"a": ["1 (1 diverged)", "50.00 ± 0.00", "60.00 ± 0.00", "1.0", "1"],
                           "b": ["0 (1 diverged)", "-", "-", "-", "-"]}
+
+
+def test_the_readme_leaderboard_is_the_published_json():
+  """The README's table is regenerated from docs/leaderboard/results.json, never typed."""
+  with open(os.path.join(ROOT, "docs", "leaderboard", "results.json")) as f:
+    summary = json.load(f)
+  assert sweep.readme_block(os.path.join(ROOT, "README.md")) == sweep.markdown(summary)
+  methods = {r["method"] for r in summary["runs"]}
+  assert set(summary["methods"]) == methods
