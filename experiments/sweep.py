@@ -44,6 +44,7 @@ from absl import flags, logging
 
 from experiments.configs import recipes
 from fda_biper_jax import train
+from fda_biper_jax.train import runlog
 from fda_biper_jax.cli import command, config_flag
 
 FLAGS = flags.FLAGS
@@ -84,7 +85,7 @@ def run_result(folder: str, method: str, seed: int) -> dict[str, Any]:
   """One finished run, from its metrics.jsonl: final and best test accuracy, train
   seconds (the logged windows' wall time, resumed runs included), the eval curve and
   the last logged gradient norm of every kernel."""
-  records = [json.loads(line) for line in open(os.path.join(folder, "metrics.jsonl"))]
+  records = runlog.read(folder)
   evals = [r for r in records if r["kind"] == "eval"]
   trains = [r for r in records if r["kind"] == "train"]
   if not evals:

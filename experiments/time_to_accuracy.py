@@ -28,7 +28,9 @@ from typing import Any
 
 from absl import flags, logging
 
+from experiments import sweep
 from fda_biper_jax import train
+from fda_biper_jax.train import runlog
 from fda_biper_jax.cli import command, config_flag
 
 FLAGS = flags.FLAGS
@@ -76,8 +78,7 @@ def stage_configs(module, recipe: str, workdir: str, seed: int) -> list[tuple[st
 
 
 def eval_curve(workdir: str, start: float) -> list[dict[str, float]]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
+  records = runlog.read(workdir)
   return [{"epoch": r["epoch"], "accuracy": r["accuracy"],
            "minutes": (r["time"] - start) / 60} for r in records if r["kind"] == "eval"]
 
@@ -134,14 +135,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def budget(stages: list[tuple[str, Any]]) -> str:
-  """The stages' model, data and optimizer, one phrase each."""
-  parts = []
-  for workdir, c in stages:
-    o = c.optimizer
-    parts.append(f"{os.path.basename(workdir)}: {c.model} on {c.dataset}, {c.num_epochs} "
-                 f"epoch(s), batch {c.batch_size}, {o.name} lr {o.learning_rate:g} "
-                 f"({o.decay}), weight decay {o.weight_decay:g}")
-  return "; ".join(parts)
+  """Each stage's model, data and optimizer (`sweep.budget`), one phrase each."""
+  return "; ".join(f"{os.path.basename(w)}: {sweep.budget(c)}" for w, c in stages)
 
 
 def main(argv):
@@ -160,10 +155,9 @@ def main(argv):
                        "timing starts from nothing; allowed: a new or empty folder")
   except ValueError as e:
     command.fail(e)
-  from benchmarks import cpu_model  # noqa: PLC0415
   report: dict[str, Any] = {
       "recipe": FLAGS.recipe, "target": FLAGS.target, "date": datetime.date.today().isoformat(),
-      "machine": f"{cpu_model()}, {os.cpu_count()} CPU cores",
+      "machine": sweep.machine(),
       "command": shlex.join(["python", "-m", "experiments.time_to_accuracy", *sys.argv[1:]]),
       "budget": budget(stages), "stages": [], "minutes_to_target": None}
   for workdir, config in stages:

@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 from fda_biper_jax import analysis, methods
 from fda_biper_jax.methods import schedule
 from fda_biper_jax.methods.fda import fda_series_derivative
+from fda_biper_jax.train import runlog
 
 COMMANDS = ("qe", "quantizers", "run")
 QE_SCALES = (0.005, 0.01, 0.02, 0.05)   # Laplace b of the QE-vs-omega0 curves
@@ -141,18 +142,8 @@ def plot_fda_series(orders: Sequence[int] = FDA_ORDERS) -> Figure:
 
 def load_run(workdir: str) -> list[dict[str, Any]]:
   """The records of WORKDIR/metrics.jsonl; ValueError (one line) if there are none to plot."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
-    raise ValueError(f"{path} does not exist; allowed: a training run's workdir")
-  records = []
-  with open(path) as f:
-    for i, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path} line {i} is not JSON ({e.msg})") from None
+  records = runlog.read(workdir)
+  path = os.path.join(workdir, runlog.METRICS_FILE)
   if not any(r.get("kind") == "train" for r in records):
     raise ValueError(f"{path} has no 'train' lines; nothing to plot")
   return records

@@ -118,3 +118,19 @@ def test_the_readme_leaderboard_is_the_published_json():
   assert sweep.readme_block(os.path.join(ROOT, "README.md")) == sweep.markdown(summary)
   methods = {r["method"] for r in summary["runs"]}
   assert set(summary["methods"]) == methods
+
+
+def test_the_sweep_keeps_tensorboard_on(tmp_path):
+  """A sweep's runs write TensorBoard events as any run does (it never turns them off)."""
+  config = tmp_path / "with_tensorboard.py"
+  config.write_text("from experiments.configs import tiny\n\n\ndef get_config(method):\n"
+                    "  c = tiny.get_config(method)\n  c.tensorboard, c.num_epochs = True, 1\n"
+                    "  return c\n")
+  wd = tmp_path / "sweep"
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or ""}
+  out = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--config={config}",
+                        "--quantizers=ste", "--seeds=1", f"--workdir={wd}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  events = list((wd / "ste" / "seed0" / "tensorboard").rglob("events.out.tfevents.*"))
+  assert events and all(e.stat().st_size > 0 for e in events)

@@ -62,6 +62,23 @@ def hparams(config: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
           for k, v in flat(config).items()}
 
 
+def read(workdir) -> list[dict[str, Any]]:
+  """The records of WORKDIR/metrics.jsonl, in order; ValueError (one line) when the file is
+  missing or a line is not JSON."""
+  path = epath.Path(workdir) / METRICS_FILE
+  if not path.exists():
+    raise ValueError(f"{path} does not exist; allowed: a training run's workdir")
+  records = []
+  for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} line {i} is not JSON ({e.msg})") from None
+  return records
+
+
 def _scalar(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
