@@ -9,7 +9,11 @@ budget (model, data, optimizer, epochs); each (method, seed) trains through
 `train.train_and_evaluate` in WORKDIR/<method>/seed<k> with `config.seed = k`.
 `--quantizers=a,b` picks methods ('NAME/VARIANT' for a variant),
 `--imports=mypkg.methods` imports modules that register a user's own methods
-first. A killed sweep resumes where it stopped: finished runs (their
+first. A config file that declares `RUNS` (a sequence of get_config
+arguments) is swept over those instead of the registered methods: a recipe
+search is such a file, each argument one recipe
+(experiments/configs/fast_search.py); when the runs' budgets differ, the
+table gives each row its own. A killed sweep resumes where it stopped: finished runs (their
 result.json) are skipped and an unfinished one resumes from its checkpoint.
 
 Written to WORKDIR: results.json (every run: final and best test accuracy,
@@ -37,7 +41,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from absl import flags, logging
@@ -70,11 +74,6 @@ BEGIN, END = "<!-- leaderboard -->", "<!-- /leaderboard -->"
 # --------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------
-
-
-def load_config_fn(path: str) -> Callable[[str], Any]:
-  """The `get_config(method)` of a config file; ValueError (one line) when there is none."""
-  return config_flag.config_module(path, ("get_config",), "experiments/configs/quick.py").get_config
 
 
 def run_dir(workdir: str, method: str, seed: int) -> str:
@@ -169,21 +168,41 @@ def budget(config) -> str:
 
 
 def markdown(summary: Mapping[str, Any]) -> str:
-  """The leaderboard table (best mean final accuracy first) with its provenance."""
-  rows = sorted(summary["methods"].items(),
-                key=lambda kv: -kv[1]["final_accuracy"][0] if kv[1]["seeds"] else 1.0)
+  """The leaderboard table with its provenance. Rows are sorted by mean final accuracy,
+  best first, a method's variants ('NAME/VARIANT') kept together; runs whose budgets
+  differ (a recipe search) get a budget column instead of one budget line."""
+  methods = summary["methods"]
+  acc = {m: a["final_accuracy"][0] if a["seeds"] else -1.0 for m, a in methods.items()}
+  group = lambda m: m.partition("/")[0]  # noqa: E731
+  best = {}
+  for m, a in acc.items():
+    best[group(m)] = max(best.get(group(m), -1.0), a)
+  rows = sorted(methods.items(), key=lambda kv: (-best[group(kv[0])], group(kv[0]), -acc[kv[0]]))
+  budgets = summary.get("budgets") if summary.get("budget") is None else None
+  shared = ""
+  if budgets:  # the phrases every run shares go to the budget line, the rest to the column
+    phrases = {m: b.split(", ") for m, b in budgets.items()}
+    common = [p for p in next(iter(phrases.values())) if all(p in q for q in phrases.values())]
+    budgets = {m: ", ".join(p for p in q if p not in common) for m, q in phrases.items()}
+    shared = f"Budget: {', '.join(common)}; the rest per row. " if common else ""
+  elif summary.get("budget") is not None:
+    shared = f"Budget: {summary['budget']}. "
   pct = lambda ms: f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"  # noqa: E731
-  lines = ["| method | seeds | final test accuracy (%) | best test accuracy (%) | "
-           "train time (min) | largest layer gradient norm |", "|---|---|---|---|---|---|"]
+  head = ["method", "seeds", "final test accuracy (%)", "best test accuracy (%)",
+          "train time (min)", "largest layer gradient norm"] + (["budget"] if budgets else [])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for method, a in rows:
     diverged = f" ({a['diverged']} diverged)" if a["diverged"] else ""
     if not a["seeds"]:
-      lines.append(f"| `{method}` | 0{diverged} | - | - | - | - |")
-      continue
-    norm = "n/a" if a["max_layer_grad_norm"] is None else f"{a['max_layer_grad_norm']:.3g}"
-    lines.append(f"| `{method}` | {len(a['seeds'])}{diverged} | {pct(a['final_accuracy'])} | "
-                 f"{pct(a['best_accuracy'])} | {a['train_time_s'][0] / 60:.1f} | {norm} |")
-  lines += ["", f"Mean ± standard deviation over seeds. Budget: {summary['budget']}. "
+      cells = [f"`{method}`", f"0{diverged}", "-", "-", "-", "-"]
+    else:
+      norm = "n/a" if a["max_layer_grad_norm"] is None else f"{a['max_layer_grad_norm']:.3g}"
+      cells = [f"`{method}`", f"{len(a['seeds'])}{diverged}", pct(a["final_accuracy"]),
+               pct(a["best_accuracy"]), f"{a['train_time_s'][0] / 60:.1f}", norm]
+    if budgets:
+      cells.append(budgets.get(method, "-"))
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Mean ± standard deviation over seeds. {shared}"
             f"Machine: {summary['machine']}. Date: {summary['date']}.",
             f"Command: `{summary['command']}`."]
   return "\n".join(lines)
@@ -291,14 +310,27 @@ def train_command(argv: Sequence[str]) -> str:
   return shlex.join(["python", "-m", "experiments.sweep", *kept])
 
 
-def chosen_methods(names: Sequence[str] | None) -> list[str]:
-  allowed = recipes.quick_methods()
+def chosen_methods(names: Sequence[str] | None, runs: Sequence[str] | None = None) -> list[str]:
+  """`--quantizers` checked against the config's RUNS, or against the registered methods
+  (NAME/VARIANT allowed) when it declares none; all of them by default."""
+  allowed = list(runs) if runs is not None else recipes.quick_methods()
   chosen = list(names or allowed)
-  bad = [q for q in chosen if q.partition("/")[0] not in allowed]
+  key = (lambda q: q) if runs is not None else (lambda q: q.partition("/")[0])
+  bad = [q for q in chosen if key(q) not in allowed]
   if bad:
-    raise ValueError(f"--quantizers={','.join(bad)} is not allowed; allowed: {', '.join(allowed)} "
-                     "(NAME/VARIANT for a variant)")
+    variants = "" if runs is not None else " (NAME/VARIANT for a variant)"
+    raise ValueError(f"--quantizers={','.join(bad)} is not allowed; allowed: "
+                     f"{', '.join(allowed)}{variants}")
   return chosen
+
+
+def budgets_meta(configs: Mapping[str, Any]) -> dict[str, Any]:
+  """{'budget': the one budget every run shares} or, when they differ,
+  {'budget': None, 'budgets': {method: budget}}."""
+  each = {m: budget(c) for m, c in configs.items()}
+  if len(set(each.values())) == 1:
+    return {"budget": next(iter(each.values()))}
+  return {"budget": None, "budgets": each}
 
 
 def main(argv):
@@ -310,8 +342,11 @@ def main(argv):
         importlib.import_module(module)
       except ImportError as e:
         raise ValueError(f"--imports: module {module!r} cannot be imported: {e}") from e
-    chosen = chosen_methods(FLAGS.quantizers)
-    get_config = load_config_fn(FLAGS.config)
+    module = config_flag.config_module(FLAGS.config, ("get_config",),
+                                       "experiments/configs/quick.py")
+    runs = getattr(module, "RUNS", None)
+    chosen = chosen_methods(FLAGS.quantizers, None if runs is None else list(runs))
+    get_config = module.get_config
     if FLAGS.readme and not os.path.isfile(FLAGS.readme):
       raise ValueError(f"--readme={FLAGS.readme!r} does not exist")
     configs = {m: get_config(m) for m in chosen}  # bad settings stop here, before any run
@@ -321,8 +356,7 @@ def main(argv):
     command.fail(e)
   os.makedirs(FLAGS.workdir, exist_ok=True)
   meta = {"date": datetime.date.today().isoformat(), "machine": machine(),
-          "budget": budget(configs[chosen[0]]),
-          "command": train_command(sys.argv[1:])}
+          **budgets_meta(configs), "command": train_command(sys.argv[1:])}
   if not FLAGS.report_only:
     for seed in range(FLAGS.seeds):
       for method in chosen:

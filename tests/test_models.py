@@ -86,7 +86,10 @@ def _run(name, quantization="biper"):
   model = models.create(name, NUM_CLASSES, **{"biper": BIPER, "fda": FDA}[quantization])
   x = _input(name)
   variables = _fill(model, x)
-  return model, variables, model.apply(variables, x, train=False, mutable=["intermediates"])
+  # jitted: op-by-op dispatch of a whole model's eval takes 7.6 s for resnet18_cifar, its
+  # compile 1.1 s
+  apply = jax.jit(functools.partial(model.apply, train=False, mutable=["intermediates"]))
+  return model, variables, apply(variables, x)
 
 
 def _train(model, variables, x, mutable=("batch_stats", "losses")):

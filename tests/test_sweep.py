@@ -111,26 +111,79 @@ def test_diverged_runs_are_counted_not_averaged():
                           "b": ["0 (1 diverged)", "-", "-", "-", "-"]}
 
 
-def test_the_readme_leaderboard_is_the_published_json():
-  """The README's table is regenerated from docs/leaderboard/results.json, never typed."""
-  with open(os.path.join(ROOT, "docs", "leaderboard", "results.json")) as f:
+@pytest.mark.parametrize("page, published", [("README.md", "docs/leaderboard"),
+                                             ("docs/results.md", "docs/recipe_search")])
+def test_the_published_tables_are_their_json(page, published):
+  """The README's leaderboard and docs/results.md's recipe search are regenerated from
+  the published results.json, never typed; every run of the command is in it."""
+  with open(os.path.join(ROOT, published, "results.json")) as f:
     summary = json.load(f)
-  assert sweep.readme_block(os.path.join(ROOT, "README.md")) == sweep.markdown(summary)
-  methods = {r["method"] for r in summary["runs"]}
-  assert set(summary["methods"]) == methods
+  assert sweep.readme_block(os.path.join(ROOT, page)) == sweep.markdown(summary)
+  from experiments.configs import fast_search, recipes  # noqa: PLC0415
+  every = recipes.quick_methods() if page == "README.md" else fast_search.RUNS
+  assert set(summary["methods"]) == {r["method"] for r in summary["runs"]} == set(every)
+  seeds = int(re.search(r"--seeds=(\d+)", summary["command"]).group(1))
+  assert all(len(a["seeds"]) + a["diverged"] == seeds for a in summary["methods"].values())
 
 
-def test_the_sweep_keeps_tensorboard_on(tmp_path):
-  """A sweep's runs write TensorBoard events as any run does (it never turns them off)."""
-  config = tmp_path / "with_tensorboard.py"
-  config.write_text("from experiments.configs import tiny\n\n\ndef get_config(method):\n"
-                    "  c = tiny.get_config(method)\n  c.tensorboard, c.num_epochs = True, 1\n"
+def test_a_config_with_runs_sweeps_them_and_keeps_tensorboard_on(tmp_path):
+  """A config file's RUNS replace the registered methods (a recipe search), and the sweep's
+  runs write TensorBoard events as any run does (it never turns them off)."""
+  config = tmp_path / "search.py"
+  config.write_text("from experiments.configs import tiny\n\nRUNS = ('ste_lr0.01',)\n\n\n"
+                    "def get_config(arg):\n  c = tiny.get_config(arg.split('_')[0])\n"
+                    "  c.tensorboard, c.num_epochs, c.optimizer.learning_rate = True, 1, 0.01\n"
                     "  return c\n")
   wd = tmp_path / "sweep"
   env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or ""}
   out = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--config={config}",
-                        "--quantizers=ste", "--seeds=1", f"--workdir={wd}"], cwd=ROOT, env=env,
+                        "--seeds=1", f"--workdir={wd}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
-  events = list((wd / "ste" / "seed0" / "tensorboard").rglob("events.out.tfevents.*"))
+  assert re.findall(r"^(\S+) seed (\d)", out.stdout, re.M) == [("ste_lr0.01", "0")]
+  summary = json.loads((wd / "results.json").read_text())
+  assert "lr 0.01 " in summary["budget"] and list(summary["methods"]) == ["ste_lr0.01"]
+  events = list((wd / "ste_lr0.01" / "seed0" / "tensorboard").rglob("events.out.tfevents.*"))
   assert events and all(e.stat().st_size > 0 for e in events)
+  bad = subprocess.run([sys.executable, "-m", "experiments.sweep", f"--config={config}",
+                        "--quantizers=ste", f"--workdir={tmp_path / 'w'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and not (tmp_path / "w").exists()
+  assert bad.stderr.strip().endswith(": error: --quantizers=ste is not allowed; allowed: "
+                                    "ste_lr0.01"), bad.stderr
+
+
+def test_runs_with_different_budgets_get_a_budget_column():
+  from experiments.configs import fast_search  # noqa: PLC0415
+  configs = {r: fast_search.get_config(r) for r in fast_search.RUNS}
+  meta = sweep.budgets_meta(configs)
+  assert meta["budget"] is None and set(meta["budgets"]) == set(fast_search.RUNS)
+  assert sweep.budgets_meta({"a": configs["identity/sgd_lr0.1"]})["budget"] == (
+      meta["budgets"]["identity/sgd_lr0.1"])
+  run = {"final_accuracy": (0.8, 0.0), "best_accuracy": (0.8, 0.0), "train_time_s": (60.0, 0.0),
+         "max_layer_grad_norm": 1.0, "seeds": [0], "diverged": 0}
+  methods = {"b/x": {**run, "final_accuracy": (0.7, 0.0)}, "a/y": run,
+             "b/z": {**run, "final_accuracy": (0.9, 0.0)}, "a/w": {**run, "final_accuracy": (0.6, 0.0)}}
+  table = sweep.markdown({"methods": methods, "budget": None, "machine": "M", "date": "D",
+                          "command": "C", "budgets": {m: f"m, lr {m}" for m in methods}})
+  rows = _rows(table)
+  assert list(rows) == ["b/z", "b/x", "a/y", "a/w"]  # groups by their best, then within
+  assert rows["b/x"][-1] == "lr b/x" and "Budget: m; the rest per row." in table
+
+
+def test_the_recipe_search_config_trains_what_it_names():
+  from experiments.configs import fast, fast_search  # noqa: PLC0415
+  assert len(fast_search.RUNS) == len(set(fast_search.RUNS)) == sum(
+      map(len, fast_search.POINTS.values()))
+  for run in fast_search.RUNS:
+    stage, _, point = run.partition("/")
+    c, base = fast_search.get_config(run), fast.get_config(stage)
+    assert c.num_epochs == fast_search.SEARCH_EPOCHS
+    assert c.quantization.to_dict() == base.quantization.to_dict()
+    assert c.init_from == base.init_from
+    for field, value in fast_search.POINTS[stage][point].items():
+      assert c.optimizer[field] == value
+  c = fast_search.get_config("biper_stage1/adam_lr0.001").optimizer
+  assert (c.name, c.learning_rate, c.decay, c.weight_decay) == ("adam", 1e-3, "cosine", 0.0)
+  with pytest.raises(ValueError, match="allowed"):
+    fast_search.get_config("biper_stage1/sgd_lr9")
