@@ -21,7 +21,8 @@ train time, the eval curve, the last logged gradient norm of every layer;
 the machine, date, budget and command), results.md (per method: mean ± std
 over seeds of the final and best test accuracy, train minutes, the largest
 layer gradient norm) and, with matplotlib, accuracy.png (test accuracy per
-epoch, mean with a ±std band per method) and grad_norms.png (per-layer
+epoch, mean with a ±std band per method; a point with ±std bars per method
+when every run evaluated once) and grad_norms.png (per-layer
 gradient norm, mean over seeds). `--readme=FILE` writes the table between
 FILE's `<!-- leaderboard -->` markers and `--publish_dir=DIR` copies
 results.json and the plots there (the README's table is regenerated from that
@@ -209,7 +210,8 @@ def markdown(summary: Mapping[str, Any]) -> str:
 
 
 def plot(results: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
-  """accuracy.png and grad_norms.png in out_dir; [] without matplotlib."""
+  """accuracy.png and grad_norms.png in out_dir; [] without matplotlib. The bands and
+  bars are the table's standard deviation over seeds (ddof 1)."""
   try:
     import matplotlib  # noqa: PLC0415
     matplotlib.use("Agg")
@@ -221,15 +223,26 @@ def plot(results: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
   for r in results:
     by.setdefault(r["method"], []).append(r)
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for method, runs in by.items():
-    n = min(len(r["curve"]) for r in runs)
-    epochs = np.asarray([p[0] for p in runs[0]["curve"][:n]])
-    acc = 100 * np.asarray([[p[1] for p in r["curve"][:n]] for r in runs])
-    mean, std = acc.mean(0), acc.std(0)
-    (line,) = ax.plot(epochs, mean, marker="o", label=method)
-    ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-  ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy (mean ± std over seeds)")
-  ax.legend(fontsize=8)
+  if all(len(r["curve"]) == 1 for r in results):  # one evaluation per run: no curve to draw
+    final = {m: 100 * np.asarray([r["curve"][0][1] for r in runs]) for m, runs in by.items()}
+    names = sorted(final, key=lambda m: final[m].mean())
+    ax.errorbar([final[m].mean() for m in names], range(len(names)), fmt="o", capsize=3,
+                xerr=[final[m].std(ddof=1) if final[m].size > 1 else 0.0 for m in names])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set(xlabel="test accuracy after the last epoch (%)",
+           title="Test accuracy (mean ± std over seeds)")
+  else:
+    for method, runs in by.items():
+      n = min(len(r["curve"]) for r in runs)
+      epochs = np.asarray([p[0] for p in runs[0]["curve"][:n]])
+      acc = 100 * np.asarray([[p[1] for p in r["curve"][:n]] for r in runs])
+      mean, std = acc.mean(0), acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(n)
+      (line,) = ax.plot(epochs, mean, marker="o", label=method)
+      ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title="Test accuracy (mean ± std over seeds)")
+    ax.legend(fontsize=8)
   paths = [os.path.join(out_dir, "accuracy.png")]
   fig.savefig(paths[0], dpi=120, bbox_inches="tight")
   plt.close(fig)

@@ -187,3 +187,15 @@ def test_the_recipe_search_config_trains_what_it_names():
   assert (c.name, c.learning_rate, c.decay, c.weight_decay) == ("adam", 1e-3, "cosine", 0.0)
   with pytest.raises(ValueError, match="allowed"):
     fast_search.get_config("biper_stage1/sgd_lr9")
+
+
+@pytest.mark.parametrize("evals", [1, 3])
+def test_the_plots_draw_one_evaluation_or_a_curve(evals, tmp_path):
+  """A point ± std per method when every run evaluated once (a one-epoch budget), a band
+  over epochs otherwise."""
+  runs = [{"method": m, "seed": s, "grad_norms": {"conv": 1.0 + s, "fc": 2.0},
+           "curve": [[e + 1, 0.5 + 0.1 * s + 0.01 * e] for e in range(evals)]}
+          for m in ("a", "b") for s in (0, 1)]
+  paths = sweep.plot(runs, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ["accuracy.png", "grad_norms.png"]
+  assert all(os.path.getsize(p) > 1000 for p in paths)
