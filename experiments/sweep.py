@@ -179,14 +179,13 @@ def markdown(summary: Mapping[str, Any]) -> str:
   for m, a in acc.items():
     best[group(m)] = max(best.get(group(m), -1.0), a)
   rows = sorted(methods.items(), key=lambda kv: (-best[group(kv[0])], group(kv[0]), -acc[kv[0]]))
-  budgets = summary.get("budgets") if summary.get("budget") is None else None
-  shared = ""
+  budgets = summary.get("budgets")
   if budgets:  # the phrases every run shares go to the budget line, the rest to the column
     phrases = {m: b.split(", ") for m, b in budgets.items()}
     common = [p for p in next(iter(phrases.values())) if all(p in q for q in phrases.values())]
     budgets = {m: ", ".join(p for p in q if p not in common) for m, q in phrases.items()}
     shared = f"Budget: {', '.join(common)}; the rest per row. " if common else ""
-  elif summary.get("budget") is not None:
+  else:
     shared = f"Budget: {summary['budget']}. "
   pct = lambda ms: f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"  # noqa: E731
   head = ["method", "seeds", "final test accuracy (%)", "best test accuracy (%)",
@@ -224,10 +223,10 @@ def plot(results: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
     by.setdefault(r["method"], []).append(r)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   if all(len(r["curve"]) == 1 for r in results):  # one evaluation per run: no curve to draw
-    final = {m: 100 * np.asarray([r["curve"][0][1] for r in runs]) for m, runs in by.items()}
-    names = sorted(final, key=lambda m: final[m].mean())
-    ax.errorbar([final[m].mean() for m in names], range(len(names)), fmt="o", capsize=3,
-                xerr=[final[m].std(ddof=1) if final[m].size > 1 else 0.0 for m in names])
+    final = {m: _mean_std([100 * r["curve"][0][1] for r in runs]) for m, runs in by.items()}
+    names = sorted(final, key=lambda m: final[m][0])
+    ax.errorbar([final[m][0] for m in names], range(len(names)), fmt="o", capsize=3,
+                xerr=[final[m][1] for m in names])
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.set(xlabel="test accuracy after the last epoch (%)",
@@ -339,11 +338,11 @@ def chosen_methods(names: Sequence[str] | None, runs: Sequence[str] | None = Non
 
 def budgets_meta(configs: Mapping[str, Any]) -> dict[str, Any]:
   """{'budget': the one budget every run shares} or, when they differ,
-  {'budget': None, 'budgets': {method: budget}}."""
+  {'budgets': {method: budget}}."""
   each = {m: budget(c) for m, c in configs.items()}
   if len(set(each.values())) == 1:
     return {"budget": next(iter(each.values()))}
-  return {"budget": None, "budgets": each}
+  return {"budgets": each}
 
 
 def main(argv):

@@ -157,14 +157,14 @@ def test_runs_with_different_budgets_get_a_budget_column():
   from experiments.configs import fast_search  # noqa: PLC0415
   configs = {r: fast_search.get_config(r) for r in fast_search.RUNS}
   meta = sweep.budgets_meta(configs)
-  assert meta["budget"] is None and set(meta["budgets"]) == set(fast_search.RUNS)
+  assert list(meta) == ["budgets"] and set(meta["budgets"]) == set(fast_search.RUNS)
   assert sweep.budgets_meta({"a": configs["identity/sgd_lr0.1"]})["budget"] == (
       meta["budgets"]["identity/sgd_lr0.1"])
   run = {"final_accuracy": (0.8, 0.0), "best_accuracy": (0.8, 0.0), "train_time_s": (60.0, 0.0),
          "max_layer_grad_norm": 1.0, "seeds": [0], "diverged": 0}
   methods = {"b/x": {**run, "final_accuracy": (0.7, 0.0)}, "a/y": run,
              "b/z": {**run, "final_accuracy": (0.9, 0.0)}, "a/w": {**run, "final_accuracy": (0.6, 0.0)}}
-  table = sweep.markdown({"methods": methods, "budget": None, "machine": "M", "date": "D",
+  table = sweep.markdown({"methods": methods, "machine": "M", "date": "D",
                           "command": "C", "budgets": {m: f"m, lr {m}" for m in methods}})
   rows = _rows(table)
   assert list(rows) == ["b/z", "b/x", "a/y", "a/w"]  # groups by their best, then within
