@@ -384,9 +384,13 @@ def forward_grid(dtype, moderate_only=False) -> np.ndarray:
   return _pad(pts, dtype, negative_zero=True)
 
 
-def _negative_subnormals(x: np.ndarray, dtype) -> np.ndarray:
+def _subnormals(x: np.ndarray, dtype) -> np.ndarray:
   x64 = _np(x)
-  return (x64 < 0) & (np.abs(x64) < float(jnp.finfo(dtype).tiny))
+  return (x64 != 0) & (np.abs(x64) < float(jnp.finfo(dtype).tiny))
+
+
+def _negative_subnormals(x: np.ndarray, dtype) -> np.ndarray:
+  return _subnormals(x, dtype) & (_np(x) < 0)
 
 
 # --------------------------------------------------------------------------
@@ -414,7 +418,10 @@ class QuantizerTestCase(chex.TestCase):
     self.assertEqual(y_np.shape, np.shape(x))
     x64, y64 = _np(x).ravel(), _np(y_np).ravel()
     if case.forward == "identity":
-      np.testing.assert_array_equal(y64, x64)
+      # Exact, except that XLA:CPU may flush a subnormal to zero of the same sign (DAZ/FTZ;
+      # on CPUs with AVX512-BF16 it does so for bfloat16 under pmap).
+      flushed = _subnormals(x64, dtype) & (y64 == 0) & (np.signbit(y64) == np.signbit(x64))
+      np.testing.assert_array_equal(y64[~flushed], x64[~flushed], err_msg=f"identity {dtype}")
       return
     if case.forward in ("sign", "square"):
       self.assert_two_values(y64, x64)
