@@ -241,7 +241,7 @@ def layer_stats(params, layer_map: Mapping[str, methods.Quantizer]
         "qe": fundamental_qe(u),
         "qe_relative": fundamental_qe(u, relative=True),
         "qe_laplace": qe_laplace,
-        "sign_share": float(jnp.mean(q.binarize(jnp.asarray(kernel)) > 0)),
+        "sign_share": float(np.mean(np.asarray(methods.binarize_compiled(q, kernel)) > 0)),
         "num_weights": int(w.size),
     }
   return stats
@@ -277,7 +277,8 @@ def sign_flip_share(w_old: Mapping[str, Any], w_new: Mapping[str, Any], quantize
     if a.shape != c.shape:
       raise ValueError(f"sign_flip_share: layer {path!r} has shape {a.shape} then {c.shape}; "
                        "snapshots must have equal shapes")
-    n = int(jnp.sum(q.binarize(a) != q.binarize(c)))
+    n = int(np.sum(np.asarray(methods.binarize_compiled(q, a))
+                   != np.asarray(methods.binarize_compiled(q, c))))
     per[path] = n / max(a.size, 1)
     flipped, total = flipped + n, total + a.size
   return FlipShare(per, flipped / total if total else 0.0)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
+import randn  # tests/randn.py
 from fda_biper_jax import analysis, models, plots, quantizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,7 +256,7 @@ def test_model_layer_stats(tiny):
 
 def test_gradient_mismatch(tiny):
   model, variables = tiny
-  x = jax.random.normal(jax.random.key(1), (4, *SHAPE))
+  x = randn.normal(jax.random.key(1), (4, *SHAPE))
   batch = (x, jnp.arange(4))
   same = analysis.gradient_mismatch(model, variables, batch, reference=model.spec.kernel_quantizer)
   assert same.overall == pytest.approx(1.0)

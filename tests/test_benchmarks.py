@@ -13,7 +13,7 @@ from fda_biper_jax import xla_cpu
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ROW_KEYS = {"model", "quantizer", "image_shape", "batch_size", "quantization", "compute_dtype",
-            "lower_s", "compile_s", "step_s", "step_s_windows", "images_per_s", "cpu_s",
+            "init_s", "lower_s", "compile_s", "step_s", "step_s_windows", "images_per_s", "cpu_s",
             "cpu_s_windows", "ratio_to_fp", "cpu_ratio_to_fp", "target", "within_target",
             "cpu_within_target", "model_macs_per_example", "model_flops_per_step",
             "model_flops_per_s", "xla_flops_per_step", "xla_transcendentals_per_step",

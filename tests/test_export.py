@@ -26,6 +26,7 @@ import pytest
 
 from benchmarks import inference as bench
 from experiments.configs import tiny
+import randn  # tests/randn.py
 from fda_biper_jax import data, models, train
 from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import export, inference
@@ -62,7 +63,7 @@ def _shape(name):
 
 
 def _images(shape, batch=2, seed=1):
-  return jax.random.normal(jax.random.key(seed), (batch, *shape))
+  return randn.normal(jax.random.key(seed), (batch, *shape))
 
 
 @functools.cache

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import randn  # tests/randn.py
 from fda_biper_jax import layers, quantizers, xla_cpu
 from fda_biper_jax.methods import schedule
 from fda_biper_jax.methods import fda as fda_method
 
-X = jax.random.normal(jax.random.key(1), (2, 6, 6, 5))
+X = randn.normal(jax.random.key(1), (2, 6, 6, 5))
 FDA = {"name": "fda", "n_terms": 12}  # constants: no training step needed
 FDA_NOISE = {**FDA, "noise": True, "alpha": 0.05}
 NOISE_CFG = fda_method.noise_config("test", "noise", True)
@@ -85,9 +86,9 @@ def test_prenorm_divides_each_sample_by_its_std_where_the_deployed_form_needs_it
 
 def test_mean_abs_scale_is_not_differentiated():
   layer = layers.BinaryDense(3, kernel_quantizer="ste", scaling="mean_abs")
-  x = jax.random.normal(jax.random.key(2), (4, 5))
+  x = randn.normal(jax.random.key(2), (4, 5))
   v = layer.init(jax.random.key(0), x, train=False)
-  g = jax.random.normal(jax.random.key(3), (4, 3))
+  g = randn.normal(jax.random.key(3), (4, 3))
   grad = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, x, train=True) * g))(v["params"])
   w = v["params"]["kernel"]
   # y = x @ (s * sign(w)), STE: dL/dw = s * x^T g, s held constant
@@ -206,7 +207,7 @@ def test_a_schedule_needs_the_training_step():
 def test_scheduled_values_follow_the_traced_step_without_recompiling():
   layer = layers.BinaryDense(3, kernel_quantizer={"name": "fda"},
                              input_quantizer={"name": "bnn_pp"})
-  x = jax.random.normal(jax.random.key(0), (2, 4))
+  x = randn.normal(jax.random.key(0), (2, 4))
   v = layer.init(jax.random.key(0), x, train=False)
 
   @jax.jit
@@ -288,7 +289,7 @@ def test_hidden_width(d, k, m, expected):
 @pytest.mark.parametrize("shortcut", ["sin", "linear", "none"])
 def test_noise_adapter_formula(shortcut, shape):
   cfg = fda_method.noise_config("test", "noise", {"shortcut": shortcut, "a": 0.1})
-  t = jax.random.normal(jax.random.key(0), shape)
+  t = randn.normal(jax.random.key(0), shape)
   p = fda_method.init_noise(jax.random.key(1), shape[-1], cfg)
   assert set(p) == {"w1", "w2"}  # bias-free
   w1, w2 = p["w1"], p["w2"]
@@ -338,7 +339,7 @@ def test_materialize_is_exact_with_identity_gradient():
 def _residual_chain_grad_hlo(depth=6):
   """The compiled gradient of a Bi-Real chain x <- hardtanh(BN-like(conv(x)) + x)."""
   convs = [layers.BinaryConv(8, name=f"c{i}") for i in range(depth)]
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8))
+  x = randn.normal(jax.random.key(0), (4, 8, 8, 8))
   params = [c.init(jax.random.key(i), x, train=False)["params"] for i, c in enumerate(convs)]
 
   def loss(params, x):
@@ -373,8 +374,8 @@ def _prenorm_reference(x):
 def test_prenormalize_value_and_gradient_equal_autodiff_of_the_formula():
   scale = jnp.array([1.0, 3.0, 0.01, 50.0])[:, None, None, None]
   shift = jnp.array([0.0, 2.0, 5.0, -100.0])[:, None, None, None]
-  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 16)) * scale + shift
-  cot = jax.random.normal(jax.random.key(1), x.shape)
+  x = randn.normal(jax.random.key(0), (4, 6, 6, 16)) * scale + shift
+  cot = randn.normal(jax.random.key(1), x.shape)
   np.testing.assert_allclose(layers.prenormalize(x), _prenorm_reference(x), rtol=2e-6, atol=1e-6)
   g = jax.grad(lambda x: jnp.sum(layers.prenormalize(x) * cot))(x)
   ref = jax.grad(lambda x: jnp.sum(_prenorm_reference(x) * cot))(x)
@@ -387,7 +388,7 @@ def test_prenormalize_value_and_gradient_equal_autodiff_of_the_formula():
 def test_prenormalize_takes_fewer_passes_than_autodiff_of_the_formula():
   """One reduction in the backward (sum(h x)) where autodiff of jnp.var takes two, and one
   fewer activation-sized temporary."""
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  x = randn.normal(jax.random.key(0), (4, 8, 8, 16))
 
   def passes(f):
     text = jax.jit(jax.grad(lambda x: jnp.sum(f(x) ** 3))).lower(x).compile().as_text()
@@ -414,7 +415,7 @@ def test_learned_scale_is_folded_into_the_kernel_in_training_only():
 
   y = layer.apply(v, X, train=True)
   np.testing.assert_allclose(y, unfolded(v["params"], X), rtol=1e-5, atol=1e-5)
-  cot = jax.random.normal(jax.random.key(5), y.shape)
+  cot = randn.normal(jax.random.key(5), y.shape)
   g = jax.grad(lambda p: jnp.sum(layer.apply({"params": p}, X, train=True) * cot))(v["params"])
   # d/d scale_c = sum over the output of cot * conv(x, k)_c
   _, st = layer.apply(v, X, train=True, mutable=["intermediates"])

@@ -18,6 +18,7 @@ from flax import linen as nn
 from jax.sharding import PartitionSpec as P
 
 from experiments.configs import quick, recipes, tiny
+import randn  # tests/randn.py
 from fda_biper_jax import layers, methods, models, quantizers, summary, train, trace
 from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import inference
@@ -132,12 +133,12 @@ def _balanced_ref(w):
 
 
 def test_ir_net_balance_standardises_each_output_channel_with_a_gradient_through_it():
-  w = jax.random.normal(jax.random.key(0), (3, 3, 4, 6)) * 0.2 + 0.05
+  w = randn.normal(jax.random.key(0), (3, 3, 4, 6)) * 0.2 + 0.05
   q = quantizers.get("ir_net", t=2.0, balance=True)
   np.testing.assert_allclose(ir_net_lib.balance(w), _balanced_ref(w), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(q.binarize(w, role="kernel"),
                                 np.where(_balanced_ref(np.asarray(w)) >= 0, 1.0, -1.0))
-  cot = jax.random.normal(jax.random.key(1), w.shape)
+  cot = randn.normal(jax.random.key(1), w.shape)
   got = jax.grad(lambda w: jnp.sum(q.quantize(w, role="kernel") * cot))(w)
   ref = jax.grad(lambda w: jnp.sum(quantizers.ir_net(_balanced_ref(w), 2.0) * cot))(w)
   np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(jnp.abs(ref).max()))
@@ -164,9 +165,9 @@ def test_reste_o_follows_a_quarter_cosine_per_epoch_and_is_an_ste_at_one():
 
 
 def test_rsign_per_channel_thresholds_forward_and_gradients():
-  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4))
+  x = randn.normal(jax.random.key(0), (2, 3, 3, 4))
   a = jnp.array([0.3, -0.2, 0.0, 0.7])
-  cot = jax.random.normal(jax.random.key(1), x.shape)
+  cot = randn.normal(jax.random.key(1), x.shape)
   for dtype in (jnp.float32, jnp.bfloat16):
     y = quantizers.rsign(x.astype(dtype), a)
     assert y.dtype == dtype
@@ -184,7 +185,7 @@ def test_rsign_per_channel_thresholds_forward_and_gradients():
 def test_rsign_thresholds_are_learned_parameters_of_the_layer():
   layer = layers.BinaryConv(6, kernel_quantizer={"name": "ste", "clip": 1.0},
                             input_quantizer="rsign", scaling="mean_abs")
-  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+  x = randn.normal(jax.random.key(0), (2, 5, 5, 4))
   v = layer.init(jax.random.key(1), x, train=False)
   assert v["params"]["input_threshold"]["alpha"].shape == (4,)
   np.testing.assert_array_equal(v["params"]["input_threshold"]["alpha"], 0.0)
@@ -202,7 +203,7 @@ def test_rsign_thresholds_under_shard_map_equal_one_device():
   """The threshold is a replicated parameter: its gradient is the mean over 8 devices."""
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   layer = layers.BinaryDense(3, input_quantizer="rsign", kernel_quantizer="ste")
-  x = jax.random.normal(jax.random.key(0), (16, 5))
+  x = randn.normal(jax.random.key(0), (16, 5))
   v = layer.init(jax.random.key(1), x, train=False)
   v["params"]["input_threshold"] = {"alpha": jnp.linspace(-0.4, 0.4, 5)}
 
@@ -220,7 +221,7 @@ def test_rsign_thresholds_under_shard_map_equal_one_device():
 
 def test_rprelu_formula_and_resnet20_uses_it_after_every_binary_unit():
   m = reactnet.RPReLU()
-  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  x = randn.normal(jax.random.key(0), (2, 3, 4))
   v = {"params": {"gamma": jnp.array([0.1, -0.2, 0.3, 0.0]),
                   "beta": jnp.array([0.25, 0.5, 0.1, 1.0]),
                   "zeta": jnp.array([0.0, 0.1, -0.1, 0.2])}}
@@ -305,7 +306,7 @@ def test_a_registered_method_trains_checkpoints_restores_summarises_and_exports(
   assert rows["unit1/conv"].kernel_bits == rows["unit1/conv"].input_bits == 1
   assert set(trace.binary_layers(model, shape)) == {"unit1/conv", "unit2/conv"}
   packed = inference.load(_export(wd, tmp_path))
-  x = jax.random.normal(jax.random.key(3), (4, *shape))
+  x = randn.normal(jax.random.key(3), (4, *shape))
   ref = model.apply(variables, x, train=False)
   np.testing.assert_allclose(inference.Predictor(packed)(x), ref, rtol=1e-4, atol=1e-4)
 
@@ -367,3 +368,53 @@ def test_every_method_trains_by_name_through_the_configs(name):
                                              methods.lookup(name).variants)]
   with pytest.raises(ValueError, match="variant='nope'"):
     quick.get_config(f"{name}/nope")
+
+
+# ----------------------------------------------------------------------------- compiled binarize
+
+
+class _ScaledSign(methods.Method):
+  """a sign(x) deployed, a schedulable: a deployed form that reads a schedule."""
+  name = "scaled_sign_test"
+  summary = "a sign(x) (a test's own method)"
+  binary = False
+  params = {"a": methods.Param(1.0, methods.base.positive, schedulable=True)}
+  usage = {"kernel_quantizer": {"name": "scaled_sign_test"}, "scaling": "none", "prenorm": False}
+
+  def forward(self, x, p):
+    return p["a"] * methods.sign(x)
+
+  def deploy(self, x, p, aux=None, role="input"):
+    return p["a"] * methods.sign(x)
+
+
+class _NegatedSign(_ScaledSign):
+  def deploy(self, x, p, aux=None, role="input"):
+    return -p["a"] * methods.sign(x)
+
+
+def test_binarize_compiled_equals_binarize_and_reads_schedules_and_registrations():
+  x = randn.normal(jax.random.key(4), (3, 3, 4, 6))
+  shift = {"alpha": jnp.linspace(-0.5, 0.5, 6)}
+  for q, aux in [(methods.get("biper"), None), (methods.get("ste"), None),
+                 (methods.get("fda"), None), (methods.get("rsign"), shift),
+                 (methods.CallableQuantizer(jnp.tanh, False), None)]:
+    np.testing.assert_array_equal(np.asarray(methods.binarize_compiled(q, x, aux)),
+                                  np.asarray(q.binarize(x, aux)), err_msg=q.name)
+  methods.register(_ScaledSign)
+  try:
+    scheduled = methods.get("scaled_sign_test", a={"schedule": "linear", "start": 1.0, "end": 3.0})
+    got = {}
+    for step in (0, 50):
+      with schedule.training_step(step, 100, 10):
+        got[step] = np.asarray(methods.binarize_compiled(scheduled, x))
+        np.testing.assert_array_equal(got[step], np.asarray(scheduled.binarize(x)))
+    np.testing.assert_array_equal(np.abs(got[0]), 1.0)
+    assert np.all(np.abs(got[50]) > 1.5)  # the step's value, not the first call's
+    constant = methods.get("scaled_sign_test", a=2.0)
+    first = np.asarray(methods.binarize_compiled(constant, x))
+    del methods.base.REGISTRY[_ScaledSign.name]
+    methods.register(_NegatedSign)  # same name: an equal Quantizer, another method
+    np.testing.assert_array_equal(np.asarray(methods.binarize_compiled(constant, x)), -first)
+  finally:
+    methods.base.REGISTRY.pop(_ScaledSign.name, None)

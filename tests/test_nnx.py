@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+import randn  # tests/randn.py
 from fda_biper_jax import layers, models, training_step
 from fda_biper_jax.nn import nnx as bnnx
 
@@ -22,7 +23,7 @@ QUANTIZATIONS = {
 
 def _pair(kind, quantization, seed=0):
   """(linen layer, its variables, the NNX layer holding the same parameters, input)."""
-  x = jax.random.normal(jax.random.key(seed), (2, 7, 7, 4) if kind == "conv" else (3, 4))
+  x = randn.normal(jax.random.key(seed), (2, 7, 7, 4) if kind == "conv" else (3, 4))
   if kind == "conv":
     lin = layers.BinaryConv(6, (3, 3), strides=2, **quantization)
     nx = bnnx.BinaryConv(4, 6, (3, 3), 2, rngs=nnx.Rngs(seed), **quantization)
@@ -44,7 +45,7 @@ def _pair(kind, quantization, seed=0):
 def test_linen_and_nnx_layers_give_the_same_outputs_and_gradients(kind, name):
   lin, v, nx, x = _pair(kind, QUANTIZATIONS[name])
   assert set(nnx.state(nx, nnx.Param).to_pure_dict()) == set(v["params"])
-  cot = jax.random.normal(jax.random.key(7), lin.apply(v, x, train=False).shape)
+  cot = randn.normal(jax.random.key(7), lin.apply(v, x, train=False).shape)
 
   def linen_loss(params, x, train):
     y, st = lin.apply({"params": params}, x, train=train, mutable=["losses"])
@@ -106,7 +107,7 @@ def test_zoo_resnet20_trains_in_nnx_with_nnx_optimizer():
   linen_model = models.create("resnet20", 4, kernel_quantizer="biper",
                               input_quantizer="approx_sign", scaling="learned", prenorm=True)
   model = nnx.bridge.ToNNX(linen_model, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  x = randn.normal(jax.random.key(0), (8, 16, 16, 3))
   y = jnp.arange(8) % 4
   nnx.bridge.lazy_init(model, x, train=False)
   optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)

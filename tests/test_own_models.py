@@ -18,6 +18,7 @@ import pytest
 from flax import linen as nn
 
 from experiments.configs import tiny
+import randn  # tests/randn.py
 from fda_biper_jax import binarize, layers, models, summary, trace, train, training_step
 from fda_biper_jax.cli import export as export_cli
 from fda_biper_jax.deploy import export, inference
@@ -60,7 +61,7 @@ def test_binary_layers_take_every_argument_of_their_flax_counterparts(binary, fl
 ])
 def test_full_precision_binary_conv_is_nn_conv(kwargs, shape):
   """Without quantizers the layer is flax's conv, value for value, whatever the geometry."""
-  x = jax.random.normal(jax.random.key(0), shape)
+  x = randn.normal(jax.random.key(0), shape)
   ref = nn.Conv(4, **kwargs)
   v = ref.init(jax.random.key(1), x)
   ours = layers.BinaryConv(4, **kwargs)
@@ -70,7 +71,7 @@ def test_full_precision_binary_conv_is_nn_conv(kwargs, shape):
 def test_binary_conv_geometry_binarizes_both_operands():
   """A grouped, dilated conv with sign quantizers: the conv of the two +-1 operands."""
   kw = dict(kernel_size=(3, 3), feature_group_count=2, kernel_dilation=2, use_bias=False)
-  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+  x = randn.normal(jax.random.key(0), (2, 9, 9, 4))
   layer = layers.BinaryConv(4, kernel_quantizer="ste", input_quantizer="ste", **kw)
   v = layer.init(jax.random.key(1), x, train=False)
   sign = lambda a: jnp.where(a >= 0, 1.0, -1.0)  # noqa: E731
@@ -80,7 +81,7 @@ def test_binary_conv_geometry_binarizes_both_operands():
 
 def test_a_layer_called_the_plain_way_needs_its_mode_and_never_trains_through_zero():
   layer = layers.BinaryConv(4, (3, 3), kernel_quantizer="biper", input_quantizer="approx_sign")
-  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+  x = randn.normal(jax.random.key(0), (2, 6, 6, 3))
   with pytest.raises(ValueError, match="the mode is not given: pass train=True"):
     layer.init(jax.random.key(0), x)
   v = layer.init(jax.random.key(0), x, train=False)
@@ -214,7 +215,7 @@ def test_a_factory_model_trains_restores_and_exports_through_the_library(tmp_pat
   path = str(tmp_path / "model.safetensors")
   report = export_cli.export_run(wd, path)
   assert report["packed_layers"] == 5
-  x = jax.random.normal(jax.random.key(1), (4, *run.input_shape))
+  x = randn.normal(jax.random.key(1), (4, *run.input_shape))
   np.testing.assert_allclose(inference.Predictor(inference.load(path))(x),
                              run.model.apply(run.variables, x, train=False), rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="cannot be imported by path"):
@@ -244,7 +245,7 @@ def test_vit_counts_trains_summarises_and_exports(tmp_path):
   s = summary.summarize(run.model, run.input_shape)
   assert s.totals.macs_binary > 0.8 * s.totals.macs and s.totals.params_1bit == 4 * 32 * 32 + 2 * 32 * 64
   packed = export.export(run.model, run.variables, run.input_shape)
-  x = jax.random.normal(jax.random.key(2), (3, *run.input_shape))
+  x = randn.normal(jax.random.key(2), (3, *run.input_shape))
   np.testing.assert_allclose(inference.Predictor(packed)(x),
                              run.model.apply(run.variables, x, train=False), rtol=1e-4, atol=1e-4)
 
@@ -269,8 +270,8 @@ _USER_SCRIPT = textwrap.dedent("""
         return nn.Dense(2)(x.mean((1, 2)))
 
     y = jnp.arange(32) % 2
-    templates = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
-    x = templates[y] + 0.5 * jax.random.normal(jax.random.key(0), (32, 8, 8, 3))
+    templates = randn.normal(jax.random.key(3), (2, 8, 8, 3))
+    x = templates[y] + 0.5 * randn.normal(jax.random.key(0), (32, 8, 8, 3))
     params = Mine().init(jax.random.key(1), x, train=False)["params"]
     tx = optax.adam(3e-3)
     opt = tx.init(params)

@@ -109,6 +109,29 @@ def test_one_manager_keeps_the_latest_and_the_best(tmp_path):
   assert os.listdir(tmp_path) == ["checkpoints"]
 
 
+def test_saving_a_replicated_state_on_cpu_compiles_nothing(tmp_path):
+  """On CPU the arrays of an 8-device replicated state are written whole, not split across
+  replicas (one compiled slice per array shape and device); they restore equal, replicated."""
+  mesh = jax.make_mesh((8,), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+  state = {"w": jax.device_put(np.arange(96, dtype=np.float32).reshape(3, 32), replicated),
+           "b": jax.device_put(np.arange(37, dtype=np.float32), replicated)}
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if "backend_compile" in event \
+      else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  ckpts = checkpoints.Checkpoints(tmp_path)
+  try:
+    ckpts.save(1, state, {"step": 1})
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  step, restored, _ = ckpts.restore_latest(state)
+  assert step == 1 and restored["w"].sharding == replicated
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(state))
+  ckpts.close()
+
+
 def test_a_step_without_evaluation_is_never_the_best(tmp_path):
   ckpts = checkpoints.Checkpoints(tmp_path, keep=3, every_steps=1)
   ckpts.save(1, {"w": np.zeros(1)}, {})

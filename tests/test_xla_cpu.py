@@ -6,13 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import randn  # tests/randn.py
 from fda_biper_jax import xla_cpu
 
 SHAPES = [(4, 5, 6, 16), (3, 7, 32), (8, 64), (2, 3, 10), (5, 3)]
 
 
 def _x(shape, dtype, seed=0):
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+  return randn.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
 
 
 def _close(a, b, dtype):
@@ -64,6 +65,51 @@ def test_compiler_options_are_cpu_only_and_opt_out(monkeypatch):
   monkeypatch.delenv(xla_cpu.OPT_OUT_ENV)
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
   assert "xla_cpu_experimental_ynn_fusion_type" not in xla_cpu.compiler_options("cpu")
+
+
+def test_init_compiler_options_add_the_init_level_on_cpu_only(monkeypatch):
+  monkeypatch.delenv(xla_cpu.OPT_OUT_ENV, raising=False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert xla_cpu.init_compiler_options("cpu") == {**xla_cpu.CPU_COMPILER_OPTIONS,
+                                                  **xla_cpu.INIT_COMPILER_OPTIONS}
+  assert xla_cpu.init_compiler_options("gpu") == {}
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=3")
+  assert "xla_backend_optimization_level" not in xla_cpu.init_compiler_options("cpu")
+  monkeypatch.setenv(xla_cpu.OPT_OUT_ENV, "0")
+  assert xla_cpu.init_compiler_options("cpu") == {}
+
+
+@pytest.mark.parametrize("name,quantizer", [("tiny_cnn", "fda"), ("resnet20", "biper"),
+                                            ("vit_tiny", "identity")])
+def test_init_compiler_options_keep_the_initial_values(name, quantizer):
+  """create_state's program, compiled with the init options and with XLA's defaults, gives
+  bit-identical parameters, statistics and optimizer state (FDA's noise modules, BiPer,
+  a transformer's initialisers)."""
+  import optax
+
+  from fda_biper_jax import models
+  from fda_biper_jax.train import trainer
+
+  model = models.create(name, 10, kernel_quantizer=quantizer, input_quantizer=quantizer)
+  tx = optax.sgd(0.1, momentum=0.9)
+  state = trainer.create_state(model, tx, jax.random.key(3), (32, 32, 3))
+  init = lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False)
+  default = jax.jit(init)(jax.random.key(3))
+  assert jax.tree.structure(state.params) == jax.tree.structure(default["params"])
+  for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                  jax.tree.leaves((default["params"], default.get("batch_stats", {})))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(tx.init(default["params"]))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_tests_inputs_are_jax_random_normals_values(dtype):
+  """randn.normal (compiled with the init options) gives jax.random.normal's bits."""
+  for seed, shape in [(0, (4, 8, 8, 16)), (7, (3, 5))]:
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(np.asarray(randn.normal(key, shape, dtype)),
+                                  np.asarray(jax.random.normal(key, shape, dtype)))
 
 
 def test_compiler_options_keep_the_convolution_values():

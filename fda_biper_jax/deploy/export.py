@@ -49,7 +49,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax import lax
 
-from fda_biper_jax import models, trace
+from fda_biper_jax import methods, models, trace
 from fda_biper_jax.deploy import inference
 from fda_biper_jax.deploy import packed as packed_lib
 from fda_biper_jax.deploy import stablehlo as stablehlo_lib
@@ -124,7 +124,7 @@ def _pack_layer(module: BinaryConv | BinaryDense, params, bn_affine) -> dict[str
   w = np.asarray(params["kernel"], np.float32)
   s = module.settings()
   q = s.kernel_quantizer
-  signs = jax.jit(lambda w, aux: q.binarize(w, aux, "kernel"))(w, _aux(module, params, "kernel"))
+  signs = methods.binarize_compiled(q, w, _aux(module, params, "kernel"), "kernel")
   if module.mask is not None:  # a masked weight is 0: no binary encoding (module docstring)
     raise ValueError(f"export: layer {'/'.join(module.path)} has a mask; masked binary "
                      "layers cannot be packed")

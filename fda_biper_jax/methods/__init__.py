@@ -31,7 +31,7 @@ from __future__ import annotations
 from fda_biper_jax.methods import (approx_sign, biper, bnn_pp, fda, identity, ir_net, reactnet,
                                    reste, sign_swish, ste)
 from fda_biper_jax.methods.base import (REGISTRY, CallableQuantizer, Method, Param, Quantizer,
-                                        Values, get, lookup, sign)
+                                        Values, binarize_compiled, get, lookup, sign)
 from fda_biper_jax.methods.schedule import Progress, Schedule, training_step
 
 
@@ -116,4 +116,4 @@ register(reste.ReSTE)
 register(reactnet.RSign)
 
 __all__ = ["CallableQuantizer", "Method", "Param", "Progress", "Quantizer", "Schedule", "Values",
-           "get", "lookup", "names", "register", "removed_settings", "sign", "training_step"]
+           "binarize_compiled", "get", "lookup", "names", "register", "removed_settings", "sign", "training_step"]

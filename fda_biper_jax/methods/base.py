@@ -39,6 +39,7 @@ Conventions shared by every method:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any, Callable, ClassVar, Iterator, Mapping
@@ -441,6 +442,24 @@ class CallableQuantizer:
   def config(self) -> dict[str, Any]:
     raise ValueError(f"quantizer {self.name!r} is a Python callable and cannot be saved; "
                      f"use a registered name: {list(REGISTRY)}")
+
+
+def binarize_compiled(q: Quantizer | CallableQuantizer, x, aux=None, role: str = "input"
+                      ) -> Array:
+  """`q.binarize(x, aux, role)` as one compiled program, cached per quantizer, method, role
+  and shapes (run eagerly, each of binarize's operations compiles for every new shape).
+
+  A quantizer with schedules runs eagerly: its values come from the bound step.
+  """
+  if q.scheduled:
+    return q.binarize(x, aux, role)
+  return _binarize_jit(q, getattr(q, "method", None), role, x, aux)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _binarize_jit(q, method, role, x, aux):
+  del method  # part of the cache key: a method re-registered under the same name recompiles
+  return q.binarize(x, aux, role)
 
 
 def _check_value(where: str, key: str, spec: Param, v):

@@ -198,11 +198,15 @@ def make_optimizer(config, lr: optax.Schedule) -> optax.GradientTransformation:
 
 
 def create_state(model, tx, rng, image_shape) -> TrainState:
-  variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, *image_shape)), train=False))(rng)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params))
+  """The model's variables from `rng` and the optimizer's state, as one compiled program
+  (`xla_cpu.init_compiler_options`)."""
+  def init(key):
+    variables = model.init(key, jnp.zeros((1, *image_shape)), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params))
+
+  return jax.jit(init, compiler_options=xla_cpu.init_compiler_options())(rng)
 
 
 def _sum_losses(collection) -> jax.Array:
