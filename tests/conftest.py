@@ -11,9 +11,10 @@ about 1.2 cores.
 Compiled programs go to a persistent compilation cache in a fresh temporary
 folder for this session only, shared by its workers (the process that loads
 this file first creates it, passes it on in the environment and removes it at
-exit): tests that build the same model and step (several training runs of the
-tiny model) compile it once, while a cold run still pays every first compile,
-so the suite's time stays honest.
+exit), and to the processes the tests start through the environment: tests
+that build the same model and step (several training runs of the tiny model, a
+run killed and resumed) compile it once, while a cold run still pays every first
+compile, so the suite's time stays honest.
 """
 import atexit
 import os
@@ -33,9 +34,14 @@ _CACHE_VAR = "FDA_BIPER_JAX_TEST_XLA_CACHE"
 if _CACHE_VAR not in os.environ:  # the first process of the session: xdist's controller
   os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix="fda_biper_jax_xla_")
   atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
-jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+_CACHE_CONFIG = {"jax_compilation_cache_dir": os.environ[_CACHE_VAR],
+                 "jax_persistent_cache_min_compile_time_secs": 0.2,
+                 "jax_persistent_cache_min_entry_size_bytes": 0}
+for _name, _value in _CACHE_CONFIG.items():
+  jax.config.update(_name, _value)
+  # and for the processes the tests start (command lines, notebooks, hosts), which read
+  # JAX's options from the environment when they import it
+  os.environ[_name.upper()] = str(_value)
 
 # The longest test files (about 1-2 minutes each on 2 cores) run first, so
 # the short ones fill in at the end and both workers finish together;
