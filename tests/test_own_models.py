@@ -270,8 +270,8 @@ _USER_SCRIPT = textwrap.dedent("""
         return nn.Dense(2)(x.mean((1, 2)))
 
     y = jnp.arange(32) % 2
-    templates = randn.normal(jax.random.key(3), (2, 8, 8, 3))
-    x = templates[y] + 0.5 * randn.normal(jax.random.key(0), (32, 8, 8, 3))
+    templates = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+    x = templates[y] + 0.5 * jax.random.normal(jax.random.key(0), (32, 8, 8, 3))
     params = Mine().init(jax.random.key(1), x, train=False)["params"]
     tx = optax.adam(3e-3)
     opt = tx.init(params)
