@@ -79,18 +79,20 @@ def test_init_compiler_options_add_the_init_level_on_cpu_only(monkeypatch):
   assert xla_cpu.init_compiler_options("cpu") == {}
 
 
-@pytest.mark.parametrize("name,quantizer", [("tiny_cnn", "fda"), ("resnet20", "biper"),
-                                            ("vit_tiny", "identity")])
-def test_init_compiler_options_keep_the_initial_values(name, quantizer):
+@pytest.mark.parametrize("name,quantizer,scaling", [("tiny_cnn", "fda", "mean_abs"),
+                                                    ("tiny_cnn", "biper", "learned"),
+                                                    ("vit_tiny", "identity", "none")])
+def test_init_compiler_options_keep_the_initial_values(name, quantizer, scaling):
   """create_state's program, compiled with the init options and with XLA's defaults, gives
-  bit-identical parameters, statistics and optimizer state (FDA's noise modules, BiPer,
-  a transformer's initialisers)."""
+  bit-identical parameters, statistics and optimizer state (FDA's noise modules, BiPer's
+  learned scales, a transformer's initialisers; the whole zoo in benchmarks/NOTES.md)."""
   import optax
 
   from fda_biper_jax import models
   from fda_biper_jax.train import trainer
 
-  model = models.create(name, 10, kernel_quantizer=quantizer, input_quantizer=quantizer)
+  model = models.create(name, 10, kernel_quantizer=quantizer, input_quantizer=quantizer,
+                        scaling=scaling)
   tx = optax.sgd(0.1, momentum=0.9)
   state = trainer.create_state(model, tx, jax.random.key(3), (32, 32, 3))
   init = lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False)
