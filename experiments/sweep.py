@@ -236,7 +236,7 @@ def plot(results: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
       n = min(len(r["curve"]) for r in runs)
       epochs = np.asarray([p[0] for p in runs[0]["curve"][:n]])
       acc = 100 * np.asarray([[p[1] for p in r["curve"][:n]] for r in runs])
-      mean, std = acc.mean(0), acc.std(0, ddof=1) if len(acc) > 1 else np.zeros(n)
+      mean, std = np.asarray([_mean_std(per_epoch) for per_epoch in acc.T]).T
       (line,) = ax.plot(epochs, mean, marker="o", label=method)
       ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set(xlabel="epoch", ylabel="test accuracy (%)",

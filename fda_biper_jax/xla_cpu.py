@@ -217,7 +217,8 @@ def _on_cpu(options: dict[str, Any], backend: str | None) -> dict[str, Any]:
 
 # Parameter initialisation (threefry random bits, integer arithmetic, and their exact or
 # elementwise float transforms) runs once: LLVM's level 1 compiles it 2-3.5x faster than
-# level 2, with the same values for every model of the zoo (tests/test_xla_cpu.py).
+# level 2, with the same values for every model of the zoo (measured in benchmarks/NOTES.md;
+# tests/test_xla_cpu.py checks three programs bit for bit). Level 0 changes values.
 INIT_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 
 

@@ -419,7 +419,7 @@ class QuantizerTestCase(chex.TestCase):
     x64, y64 = _np(x).ravel(), _np(y_np).ravel()
     if case.forward == "identity":
       # Exact, except that XLA:CPU may flush a subnormal to zero of the same sign (DAZ/FTZ;
-      # on CPUs with AVX512-BF16 it does so for bfloat16 under pmap).
+      # seen under pmap on CPUs with AVX512-BF16 / AMX).
       flushed = _subnormals(x64, dtype) & (y64 == 0) & (np.signbit(y64) == np.signbit(x64))
       np.testing.assert_array_equal(y64[~flushed], x64[~flushed], err_msg=f"identity {dtype}")
       return

@@ -116,4 +116,5 @@ register(reste.ReSTE)
 register(reactnet.RSign)
 
 __all__ = ["CallableQuantizer", "Method", "Param", "Progress", "Quantizer", "Schedule", "Values",
-           "binarize_compiled", "get", "lookup", "names", "register", "removed_settings", "sign", "training_step"]
+           "binarize_compiled", "get", "lookup", "names", "register", "removed_settings", "sign",
+           "training_step"]

@@ -72,7 +72,7 @@ def _type_handlers() -> Any:
   orbax splits the device-to-host copy of a replicated array across its replicas
   (one compiled slice per array shape and device) unless the platform is a GPU.
   On CPU every device is the same host memory, so the split saves nothing and
-  costs the compiles: about 4 s at the first save of an 8-device CPU run.
+  costs the compiles at the first save of a multi-device run (benchmarks/NOTES.md).
   """
   handlers = ocp.type_handlers
   chosen = {ty: handlers.get_type_handler(ty) for ty in handlers.supported_types()}
