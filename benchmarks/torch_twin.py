@@ -30,9 +30,20 @@ regularisers, backward, and SGD with momentum and coupled weight decay
 (PyTorch's default layout). It has no augmentation: the JAX step's crop,
 flip and normalisation are timed with it (`benchmarks.train_step` reports
 their share, about 1%).
+
+Devices and dtypes: the step runs on `device` ('cpu' or 'cuda'); on CUDA
+with `torch.backends.cudnn.benchmark` on (the usual setting for fixed
+shapes: cuDNN picks each convolution's fastest algorithm at the first step,
+as XLA's autotuner does at compile time). dtype 'bfloat16' is PyTorch's
+mixed precision, `torch.autocast(dtype=torch.bfloat16)` around the forward
+pass and the loss with float32 master weights, as the library's
+`compute_dtype='bfloat16'`; 'float32' runs without autocast (on CUDA both
+frameworks' defaults let cuDNN use TF32 for float32 convolutions).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +52,7 @@ from torch import nn
 PRENORM_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch's convention: the weight of the new batch statistic
 SETTINGS = ("identity", "biper")
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16}  # None: no autocast
 
 
 def sign(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +167,7 @@ class ResNet20(nn.Module):
     for unit in self.units:
       x = unit(x, losses)
     logits = self.fc(self.head_bn(x.mean(dim=(2, 3))))
-    return logits, (sum(losses) if losses else torch.zeros(()))
+    return logits, (sum(losses) if losses else logits.new_zeros(()))
 
 
 def biper_settings(quantization: dict) -> dict | None:
@@ -175,7 +187,8 @@ def biper_settings(quantization: dict) -> dict | None:
 
 
 class TrainStep:
-  """One SGD step of the twin on a fixed batch: `__call__(i)` takes one step.
+  """One SGD step of the twin on a fixed batch: `__call__(i)` takes one step (queued on a
+  GPU); `wait()` returns when the device has finished the steps taken.
 
   Args:
     quantization: the JAX config's `quantization` (see `biper_settings`).
@@ -183,21 +196,42 @@ class TrainStep:
     learning_rate, momentum, weight_decay: SGD's.
     num_classes: width of the logits; labels are drawn uniformly.
     seed: of the weights and the batch.
+    device: where the weights, the batch and the step live ('cpu', 'cuda', 'cuda:1').
+    dtype: 'float32', or 'bfloat16' for mixed precision (see the module docstring).
   """
 
   def __init__(self, quantization: dict, *, batch_size: int, image_size: int,
                learning_rate: float, momentum: float, weight_decay: float,
-               num_classes: int = 10, seed: int = 0):
+               num_classes: int = 10, seed: int = 0, device: str = "cpu",
+               dtype: str = "float32"):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype={dtype!r} is not allowed; allowed: {list(DTYPES)}")
+    self.device = torch.device(device)
+    if self.device.type == "cuda":
+      torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
-    self.model = ResNet20(num_classes, biper_settings(quantization)).train()
-    self.images = torch.randn(batch_size, 3, image_size, image_size)
-    self.labels = torch.randint(0, num_classes, (batch_size,))
+    self.model = ResNet20(num_classes, biper_settings(quantization)).train().to(self.device)
+    self.images = torch.randn(batch_size, 3, image_size, image_size).to(self.device)
+    self.labels = torch.randint(0, num_classes, (batch_size,)).to(self.device)
     self.optimizer = torch.optim.SGD(self.model.parameters(), lr=learning_rate,
                                      momentum=momentum, weight_decay=weight_decay)
+    self.autocast_dtype = DTYPES[dtype]
+
+  def autocast(self):
+    """The forward pass's mixed-precision context (none for float32)."""
+    if self.autocast_dtype is None:
+      return contextlib.nullcontext()
+    return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
   def __call__(self, i: int = 0) -> None:
     self.optimizer.zero_grad(set_to_none=True)
-    logits, reg = self.model(self.images)
-    loss = F.cross_entropy(logits, self.labels) + reg
+    with self.autocast():
+      logits, reg = self.model(self.images)
+      loss = F.cross_entropy(logits, self.labels) + reg
     loss.backward()
     self.optimizer.step()
+
+  def wait(self, _=None) -> None:
+    """Blocks until the device has run every step taken (a no-op on the CPU)."""
+    if self.device.type == "cuda":
+      torch.cuda.synchronize(self.device)

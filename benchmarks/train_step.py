@@ -56,8 +56,9 @@ then step. Per configuration:
   quantizers show;
 * of peak: model GFLOP/s per device over the device's peak FLOP/s (the
   model FLOPs utilisation); roofline: the least time a step can take on one
-  device, XLA's FLOPs at the peak FLOP/s or XLA's bytes accessed at the peak
-  memory bandwidth, whichever is longer, and which one ('compute' or
+  device, its FLOPs (`roofline_flops`: XLA's count or the model's, the larger)
+  at the peak FLOP/s or XLA's bytes accessed at the peak memory bandwidth,
+  whichever is longer, and which one ('compute' or
   'memory' bound): a step far above its roofline is limited by neither (by
   launches, small kernels, the host). The peaks come from `DEVICE_PEAKS`
   (data-sheet figures by `device_kind`: bf16, so for bfloat16 compute only)
@@ -150,6 +151,18 @@ def device_peak(device_kind: str, dtype: str, *, tflops: float | None = None,
   return {"tflops": tflops, "tbps": tbps, "table_entry": None if row is None else row[0]}
 
 
+def roofline_flops(measured: dict[str, Any]) -> float | None:
+  """A step's FLOPs for its roofline: the larger of XLA's count and the model's.
+
+  XLA's `cost_analysis()` leaves out convolutions that run as library calls (cuDNN
+  custom calls on a GPU count nothing: resnet20's step at batch 256 on an H200 is
+  1.7 GFLOP by XLA's count against the model's 62), so on a GPU the model's count
+  is the one that bounds the step."""
+  counts = [measured["xla_flops_per_step"], measured["model_flops_per_step"]]
+  counts = [c for c in counts if c is not None]
+  return max(counts) if counts else None
+
+
 def roofline(flops: float | None, bytes_accessed: float | None, peak: dict[str, Any],
              num_devices: int = 1) -> tuple[float | None, str | None]:
   """(seconds, 'compute' | 'memory'): the least time a step needs for XLA's count of
@@ -222,11 +235,13 @@ def benchmark_config(model: str, quantizer: str, *, batch_size: int, dtype: str,
 
 
 class Case:
-  """One timed loop: `run(n)` takes the next n steps, then waits for the last."""
+  """One timed loop: `run(n)` takes the next n steps, then `wait(last output)` until the
+  device has finished them (default `jax.block_until_ready`; another framework's
+  synchronisation for its own steps)."""
 
   def __init__(self, name: str, body: Callable[[int], Any], measured: dict[str, Any],
-               compiled: Any = None):
-    self.name, self.body, self.measured = name, body, measured
+               compiled: Any = None, wait: Callable[[Any], Any] = jax.block_until_ready):
+    self.name, self.body, self.measured, self.wait = name, body, measured, wait
     self.compiled = compiled  # the compiled step (`compiled.as_text()`: its HLO), if any
     self.counter = itertools.count()
 
@@ -234,7 +249,7 @@ class Case:
     out = None
     for _ in range(steps):
       out = self.body(next(self.counter))
-    jax.block_until_ready(out)
+    self.wait(out)
 
 
 def _inputs(config, mesh):
@@ -346,7 +361,7 @@ def benchmark_model(model: str, quantizers: Sequence[str], mesh, *, batch_size: 
     # Host CPU time is the step's work on the CPU backend only.
     cpu_ratio = paired(cpu, case.name, REFERENCE) if backend == "cpu" else None
     bound = target(case.name, backend)
-    floor, limit = roofline(case.measured["xla_flops_per_step"],
+    floor, limit = roofline(roofline_flops(case.measured),
                             case.measured["xla_bytes_accessed_per_step"], peak, mesh.size)
     flops_per_s = case.measured["model_flops_per_step"] / t
     rows.append({
@@ -469,7 +484,8 @@ def format_table(results: dict[str, Any]) -> str:
             "process's CPU time (all threads), robust to other processes' load. "
             "Of peak: model GFLOP/s per device over the device's peak, "
             + (f"{peak['tflops']:g} TFLOP/s" if peak["tflops"] is not None else "unknown here")
-            + "; roofline: the least time per step of XLA's FLOPs and bytes per device at the "
+            + "; roofline: the least time per step of the FLOPs (XLA's count or the model's, the "
+            "larger: XLA counts no cuDNN convolution) and XLA's bytes per device at the "
             "peak FLOP/s and "
             + (f"{peak['tbps']:g} TB/s" if peak["tbps"] is not None else "a bandwidth unknown here")
             + ", and which of the two bounds it ("

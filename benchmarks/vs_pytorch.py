@@ -1,11 +1,12 @@
 """The library's training step against a PyTorch twin, side by side in one process.
 
   python -m benchmarks.vs_pytorch [--batch_sizes 128,256] [--settings identity,biper]
-      [--frameworks jax,torch] [--repeats 5] [--window_steps 3] [--threads N]
-      [--image_size 32] [--json runs/benchmarks/vs_pytorch.json]
+      [--frameworks jax,torch] [--dtypes float32,bfloat16] [--repeats 5]
+      [--window_steps 3] [--threads N] [--image_size 32]
+      [--json runs/benchmarks/vs_pytorch.json]
 
-Per batch size and setting, the steps of the same ResNet-20 (CIFAR, 10
-classes, float32) are timed, each a `--frameworks` entry:
+Per batch size, dtype and setting, the steps of the same ResNet-20 (CIFAR,
+10 classes) are timed, each a `--frameworks` entry:
 
 * jax: the library's own training step, exactly as `benchmarks.train_step`
   builds it (`train_step.benchmark_config` of the recipe, then
@@ -19,6 +20,16 @@ classes, float32) are timed, each a `--frameworks` entry:
 * torch: `benchmarks.torch_twin.TrainStep`, the same network, quantization,
   loss and SGD written in PyTorch (eager, NCHW), with the JAX config's
   learning rate, momentum and weight decay.
+
+Devices and dtypes: both frameworks run on JAX's default backend, the CPU or
+one CUDA GPU (PyTorch on 'cuda', with cuDNN's autotuning on; any other
+backend stops with one line). `--dtypes`: 'float32', and 'bfloat16' for
+mixed precision (float32 master weights; the library's
+`compute_dtype='bfloat16'`, `torch.autocast` in the twin). On a GPU JAX is
+given at most half the device memory (`XLA_PYTHON_CLIENT_MEM_FRACTION`,
+unless set) so that PyTorch has room beside it, and a window ends when the
+device has finished its steps (`jax.block_until_ready`,
+`torch.cuda.synchronize`).
 
 The steps of one batch size run in interleaved windows
 (`train_step.time_interleaved`: each repeat times one window of
@@ -64,6 +75,7 @@ from fda_biper_jax import parallel, xla_cpu
 PROG = "python -m benchmarks.vs_pytorch"
 MODEL = "resnet20"
 SETTINGS = ("identity", "biper")
+DTYPES = ("float32", "bfloat16")
 # 'jax': the library's step; 'jax_xla_defaults': the same step compiled with XLA's own
 # defaults (`xla_cpu.compiler_options` opted out); 'torch': the PyTorch twin.
 FRAMEWORKS = ("jax", "jax_xla_defaults", "torch")
@@ -75,6 +87,8 @@ flags.DEFINE_list("batch_sizes", ["128", "256"], "global batch sizes", flag_valu
 flags.DEFINE_list("settings", list(SETTINGS), "'identity' (the float twin) and/or 'biper'",
                   flag_values=FLAGS)
 flags.DEFINE_list("frameworks", ["jax", "torch"], f"any of {list(FRAMEWORKS)}",
+                  flag_values=FLAGS)
+flags.DEFINE_list("dtypes", ["float32"], f"compute dtypes, any of {list(DTYPES)}",
                   flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 5, "interleaved windows per case", lower_bound=1,
                      flag_values=FLAGS)
@@ -144,22 +158,42 @@ def xla_defaults():
       os.environ[xla_cpu.OPT_OUT_ENV] = old
 
 
+def torch_device(twin) -> str:
+  """PyTorch's device beside JAX's default backend: 'cpu', or 'cuda' on a GPU; ValueError
+  (one line) where PyTorch cannot run beside it."""
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "cpu"
+  if backend in ("gpu", "cuda") and twin.torch.cuda.is_available():
+    return "cuda"
+  raise ValueError(f"JAX's backend is {backend!r}; the PyTorch half runs on 'cpu' or a CUDA "
+                   "'gpu' that torch can see (torch.cuda.is_available()); or pass "
+                   "--frameworks=jax")
+
+
+def case_name(framework: str, dtype: str, setting: str) -> str:
+  return f"{framework}/{dtype}/{setting}"
+
+
 def jax_case(framework: str, setting: str, config, mesh) -> train_step.Case:
   """The library's compiled step (`train_step.train_case`), with XLA's own defaults for
   'jax_xla_defaults'."""
+  name = case_name(framework, config.compute_dtype, setting)
   with xla_defaults() if framework == "jax_xla_defaults" else contextlib.nullcontext():
-    return train_step.train_case(f"{framework}/{setting}", config, mesh)
+    return train_step.train_case(name, config, mesh)
 
 
-def torch_case(twin, setting: str, config) -> train_step.Case:
-  """The PyTorch twin's step with `config`'s quantization, batch, image size and SGD."""
+def torch_case(twin, setting: str, config, device: str) -> train_step.Case:
+  """The PyTorch twin's step with `config`'s quantization, batch, image size, compute dtype
+  and SGD, on `device`."""
   opt = config.optimizer
   step = twin.TrainStep(train_step.train.quantization(config), batch_size=config.batch_size,
                         image_size=config.synthetic.image_shape[0],
                         learning_rate=float(opt.learning_rate), momentum=float(opt.momentum),
                         weight_decay=float(opt.weight_decay), num_classes=NUM_CLASSES,
-                        seed=config.seed)
-  return train_step.Case(f"torch/{setting}", step, {})
+                        seed=config.seed, device=device, dtype=config.compute_dtype)
+  return train_step.Case(case_name("torch", config.compute_dtype, setting), step, {},
+                         wait=step.wait)
 
 
 def paired(windows: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
@@ -168,12 +202,13 @@ def paired(windows: dict[str, list[float]], a: str, b: str) -> dict[str, float]:
   return {"median": float(np.median(r)), "min": float(np.min(r)), "max": float(np.max(r))}
 
 
-def framework_row(framework: str, setting: str, batch_size: int, case: train_step.Case,
-                  wall: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict[str, Any]:
+def framework_row(framework: str, dtype: str, setting: str, batch_size: int,
+                  case: train_step.Case, wall: dict[str, list[float]],
+                  cpu: dict[str, list[float]]) -> dict[str, Any]:
   """One case's row: ms/step (wall, CPU) and, when PyTorch ran, the ratios to it."""
-  name, ref = case.name, f"{REFERENCE}/{setting}"
+  name, ref = case.name, case_name(REFERENCE, dtype, setting)
   versus = ref in wall and name != ref
-  return {"setting": setting, "batch_size": batch_size, "framework": framework,
+  return {"setting": setting, "batch_size": batch_size, "dtype": dtype, "framework": framework,
           "step_s": float(np.median(wall[name])), "step_s_windows": wall[name],
           "cpu_s": float(np.median(cpu[name])), "cpu_s_windows": cpu[name],
           "ratio_to_torch": paired(wall, name, ref) if versus else None,
@@ -181,20 +216,23 @@ def framework_row(framework: str, setting: str, batch_size: int, case: train_ste
           **case.measured}
 
 
-def measure_batch(batch_size: int, settings: Sequence[str], frameworks: Sequence[str], mesh,
-                  twin, *, image_size: int, repeats: int, window_steps: int
+def measure_batch(batch_size: int, dtypes: Sequence[str], settings: Sequence[str],
+                  frameworks: Sequence[str], mesh, twin, device: str | None, *,
+                  image_size: int, repeats: int, window_steps: int
                   ) -> tuple[list[dict[str, Any]], float | None]:
   """(rows, other load) at one batch size: every case in the same interleaved windows."""
-  cases: dict[tuple[str, str], train_step.Case] = {}
-  for setting in settings:
-    config = train_step.benchmark_config(MODEL, setting, batch_size=batch_size,
-                                         dtype="float32", image_shape=(image_size,) * 2 + (3,))
-    for fw in frameworks:
-      cases[fw, setting] = (torch_case(twin, setting, config) if fw == "torch"
-                            else jax_case(fw, setting, config, mesh))
+  cases: dict[tuple[str, str, str], train_step.Case] = {}
+  for dtype in dtypes:
+    for setting in settings:
+      config = train_step.benchmark_config(MODEL, setting, batch_size=batch_size, dtype=dtype,
+                                           image_shape=(image_size,) * 2 + (3,))
+      for fw in frameworks:
+        cases[dtype, fw, setting] = (torch_case(twin, setting, config, device) if fw == "torch"
+                                     else jax_case(fw, setting, config, mesh))
   with OtherLoad() as load:
     wall, cpu = train_step.time_interleaved(list(cases.values()), repeats, window_steps)
-  rows = [framework_row(fw, s, batch_size, case, wall, cpu) for (fw, s), case in cases.items()]
+  rows = [framework_row(fw, d, s, batch_size, case, wall, cpu)
+          for (d, fw, s), case in cases.items()]
   return rows, load.share
 
 
@@ -206,20 +244,24 @@ def check_names(kind: str, names: Sequence[str], allowed: Sequence[str]) -> None
 
 
 def run(batch_sizes: Sequence[int], settings: Sequence[str] = SETTINGS,
-        frameworks: Sequence[str] = ("jax", "torch"), *, repeats: int = 5,
-        window_steps: int = 3, threads: int | None = None, image_size: int = 32,
-        command: str = "") -> dict[str, Any]:
-  """Measures every batch size and setting; returns the results (see the module docstring)."""
+        frameworks: Sequence[str] = ("jax", "torch"), *, dtypes: Sequence[str] = ("float32",),
+        repeats: int = 5, window_steps: int = 3, threads: int | None = None,
+        image_size: int = 32, command: str = "") -> dict[str, Any]:
+  """Measures every batch size, dtype and setting; returns the results (see the module
+  docstring)."""
   check_names("settings", settings, SETTINGS)
   check_names("frameworks", frameworks, FRAMEWORKS)
+  check_names("dtypes", dtypes, DTYPES)
   frameworks = [fw for fw in FRAMEWORKS if fw in frameworks]
   threads = threads or available_cores()
   twin = import_torch_twin(threads) if "torch" in frameworks else None
+  device = None if twin is None else torch_device(twin)
   mesh = parallel.make_mesh(1)
+  jax_device = mesh.devices.flat[0]
   load = os.getloadavg()
   rows, other = [], {}
   for b in batch_sizes:
-    r, other[str(b)] = measure_batch(b, settings, frameworks, mesh, twin,
+    r, other[str(b)] = measure_batch(b, dtypes, settings, frameworks, mesh, twin, device,
                                      image_size=image_size, repeats=repeats,
                                      window_steps=window_steps)
     rows += r
@@ -227,17 +269,24 @@ def run(batch_sizes: Sequence[int], settings: Sequence[str] = SETTINGS,
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "affinity": available_cores(),
                   "load_average_at_start": [round(x, 2) for x in load],
-                  "other_processes_cpu_share": other},
+                  "other_processes_cpu_share": other,
+                  "jax_device": f"{jax_device.platform}: {jax_device.device_kind}",
+                  "torch_device": None if twin is None else torch_device_name(twin, device)},
       "jax": jax.__version__, "flax": flax.__version__,
       "torch": None if twin is None else twin.torch.__version__,
       "torch_threads": None if twin is None else twin.torch.get_num_threads(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_cpu": xla_cpu.compiler_options(),
       "command": command,
       "settings": {"model": MODEL, "batch_sizes": list(batch_sizes), "settings": list(settings),
-                   "frameworks": list(frameworks), "repeats": repeats,
-                   "window_steps": window_steps, "warmup_steps": 1, "image_size": image_size,
-                   "dtype": "float32"},
+                   "frameworks": list(frameworks), "dtypes": list(dtypes), "repeats": repeats,
+                   "window_steps": window_steps, "warmup_steps": 1, "image_size": image_size},
       "rows": rows}
+
+
+def torch_device_name(twin, device: str) -> str:
+  if device == "cpu":
+    return "cpu"
+  return f"{device}: {twin.torch.cuda.get_device_name(device)}"
 
 
 def _ratio(r: dict | None) -> str:
@@ -255,29 +304,31 @@ def format_table(results: dict[str, Any]) -> str:
   lines = [
       f"JAX vs PyTorch training step, {results['date']}: {m['cpu']}, {m['affinity']} of "
       f"{m['cpus']} CPUs, load average {m['load_average_at_start'][0]:.1f} at start, other "
-      f"processes' CPU share while timing: {other}; JAX {results['jax']}, Flax "
-      f"{results['flax']}, PyTorch {results['torch'] or 'n/a'} "
-      f"({results['torch_threads'] or 'n/a'} threads); XLA_FLAGS={results['xla_flags']!r}; "
-      f"library XLA:CPU options {results['xla_cpu']}.", "",
+      f"processes' CPU share while timing: {other}; JAX {results['jax']} on "
+      f"{m['jax_device']}, Flax {results['flax']}, PyTorch {results['torch'] or 'n/a'} on "
+      f"{m['torch_device'] or 'n/a'} ({results['torch_threads'] or 'n/a'} CPU threads); "
+      f"XLA_FLAGS={results['xla_flags']!r}; library XLA:CPU options {results['xla_cpu']}.", "",
       f"Command: `{results['command']}`", "",
-      f"{s['model']}, {s['image_size']}x{s['image_size']}x3, {s['dtype']}; median of "
+      f"{s['model']}, {s['image_size']}x{s['image_size']}x3; median of "
       f"{s['repeats']} interleaved windows of {s['window_steps']} step(s) after "
       f"{s['warmup_steps']} warm-up step; vs PyTorch: median (range) over the repeats of the "
       "ratio of the two windows in the same repeat.", "",
-      "| batch | setting | framework | ms/step | vs PyTorch | CPU ms/step "
+      "| batch | dtype | setting | framework | ms/step | vs PyTorch | CPU ms/step "
       "| vs PyTorch (CPU time) | compile (s) |",
-      "|---|---|---|---|---|---|---|---|"]
+      "|---|---|---|---|---|---|---|---|---|"]
   for r in results["rows"]:
     compile_s = f"{r['lower_s'] + r['compile_s']:.1f}" if "compile_s" in r else "n/a"
     lines.append(
-        f"| {r['batch_size']} | {r['setting']} | {r['framework']} | {1e3 * r['step_s']:.1f} "
+        f"| {r['batch_size']} | {r['dtype']} | {r['setting']} | {r['framework']} "
+        f"| {1e3 * r['step_s']:.1f} "
         f"| {_ratio(r['ratio_to_torch'])} | {1e3 * r['cpu_s']:.1f} "
         f"| {_ratio(r['cpu_ratio_to_torch'])} | {compile_s} |")
   lines += ["", "jax: the library's step (train.make_train_step: augmentation, model, loss, "
             "regulariser, SGD), compiled with `xla_cpu.compiler_options()`; jax_xla_defaults: "
             "the same step with XLA's own defaults; torch: benchmarks/torch_twin.py, eager, "
-            "NCHW, no augmentation. CPU ms/step: this process's CPU time over the window (all "
-            "threads). Other processes' CPU share: the machine's busy CPU time less this "
+            "NCHW, no augmentation; bfloat16: mixed precision with float32 master weights in "
+            "both. CPU ms/step: this process's CPU time over the window (all "
+            "threads; on a GPU the host's alone). Other processes' CPU share: the machine's busy CPU time less this "
             "process's, over the CPUs' time, while the windows ran (a shared machine's load "
             "slows PyTorch's OpenMP threads far more than XLA's)."]
   return "\n".join(lines)
@@ -298,9 +349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
 
+  if "torch" in FLAGS.frameworks:
+    # On a GPU JAX would take 75% of the device's memory before PyTorch asks for any.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
   def measure():
-    return run(batch_sizes, FLAGS.settings, FLAGS.frameworks, repeats=FLAGS.repeats,
-               window_steps=FLAGS.window_steps, threads=FLAGS.threads,
+    return run(batch_sizes, FLAGS.settings, FLAGS.frameworks, dtypes=FLAGS.dtypes,
+               repeats=FLAGS.repeats, window_steps=FLAGS.window_steps, threads=FLAGS.threads,
                image_size=FLAGS.image_size, command=f"{PROG} {shlex.join(argv)}".strip())
 
   return run_and_report(PROG, measure, format_table, FLAGS.json)
