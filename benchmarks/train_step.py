@@ -165,9 +165,10 @@ def roofline_flops(measured: dict[str, Any]) -> float | None:
 
 def roofline(flops: float | None, bytes_accessed: float | None, peak: dict[str, Any],
              num_devices: int = 1) -> tuple[float | None, str | None]:
-  """(seconds, 'compute' | 'memory'): the least time a step needs for XLA's count of
-  its FLOPs and bytes (summed over `num_devices` devices sharing them equally) at one
-  device's peaks; (None, None) if a peak or a count is unknown."""
+  """(seconds, 'compute' | 'memory'): the least time a step needs for `flops`
+  (`roofline_flops`) and XLA's `bytes_accessed` (summed over `num_devices` devices
+  sharing them equally) at one device's peaks; (None, None) if a peak or a count is
+  unknown."""
   if None in (flops, bytes_accessed, peak["tflops"], peak["tbps"]):
     return None, None
   compute = flops / num_devices / (1e12 * peak["tflops"])

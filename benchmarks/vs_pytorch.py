@@ -324,12 +324,12 @@ def format_table(results: dict[str, Any]) -> str:
         f"| {_ratio(r['ratio_to_torch'])} | {1e3 * r['cpu_s']:.1f} "
         f"| {_ratio(r['cpu_ratio_to_torch'])} | {compile_s} |")
   lines += ["", "jax: the library's step (train.make_train_step: augmentation, model, loss, "
-            "regulariser, SGD), compiled with `xla_cpu.compiler_options()`; jax_xla_defaults: "
-            "the same step with XLA's own defaults; torch: benchmarks/torch_twin.py, eager, "
-            "NCHW, no augmentation; bfloat16: mixed precision with float32 master weights in "
-            "both. CPU ms/step: this process's CPU time over the window (all "
-            "threads; on a GPU the host's alone). Other processes' CPU share: the machine's busy CPU time less this "
-            "process's, over the CPUs' time, while the windows ran (a shared machine's load "
+            "regulariser, SGD), compiled with `xla_cpu.compiler_options()` (empty off the "
+            "CPU); jax_xla_defaults: the same step with XLA's own defaults; torch: "
+            "benchmarks/torch_twin.py, eager, NCHW, no augmentation; bfloat16: mixed precision "
+            "with float32 master weights in both. CPU ms/step: this process's CPU time over "
+            "the window (all threads; on a GPU the host's alone). Other processes' CPU share: "
+            "the machine's busy CPU time less this process's, over the CPUs' time, while the windows ran (a shared machine's load "
             "slows PyTorch's OpenMP threads far more than XLA's)."]
   return "\n".join(lines)
 

@@ -243,7 +243,8 @@ def test_vs_pytorch_jax_half_runs_without_torch(tmp_path, capsys, monkeypatch):
     assert r["compile_s"] > 0 and r["quantization"]["kernel_quantizer"]["name"] == "biper"
 
   lines = capsys.readouterr().out.splitlines()
-  header = lines.index(next(line for line in lines if line.startswith("| batch | dtype | setting |")))
+  header = lines.index(next(line for line in lines
+                            if line.startswith("| batch | dtype | setting |")))
   columns = lines[header].count("|")
   body = lines[header + 2:header + 4]
   assert [line.split(" | ")[:4] for line in body] == [
